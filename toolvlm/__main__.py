@@ -1,0 +1,7 @@
+"""`python -m toolvlm` runs the command line."""
+
+import sys
+
+from toolvlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""The `toolvlm` command line: one thin dispatcher.
+
+Each subcommand lives in the package that owns it and exposes `add_arguments(parser)` and `run(args) -> int`.
+This module only knows the command-line contract (names, help lines, where each command is implemented);
+it imports the implementing module lazily, so `toolvlm --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# name -> (module implementing it, one-line help). Order is the order of `toolvlm --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("toolvlm.agent.cli_chat", "chat over images in the terminal"),
+    "ask": ("toolvlm.agent.cli_ask", "ask one question about one or more images"),
+    "tools": ("toolvlm.tools.cli", "list the tools with their descriptions and input schemas"),
+    "tool": ("toolvlm.tools.cli", "run one tool directly on an image"),
+    "world": ("toolvlm.finetune.world_cli", "sample or render scenes of the procedurally drawn world"),
+    "finetune": ("toolvlm.finetune.cli", "train a VLM controller from a YAML recipe (key=value overrides)"),
+    "eval": ("toolvlm.finetune.eval_cli", "evaluate the world models or the controller"),
+    "demo": ("toolvlm.finetune.demo", "run the four-step crowd demo (describe, box, count, generate)"),
+}
+
+
+def _load(name: str):
+    module_name = COMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            return None  # the command is part of the contract but not built yet
+        raise
+
+
+def build_parser(load_commands: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser; subcommands named in `load_commands` get their full arguments."""
+    parser = argparse.ArgumentParser(prog="toolvlm", description="An agentic multimodal assistant.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_line) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        if name in load_commands:
+            module = _load(name)
+            if module is not None:
+                module.add_arguments(p, name)
+            else:
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `toolvlm` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command] if command in COMMANDS else [])
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = _load(args.command)
+    if module is None:
+        print(f"toolvlm {args.command}: not built yet in this version", file=sys.stderr)
+        return 2
+    return int(module.run(args, args.command) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

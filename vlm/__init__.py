@@ -1,0 +1,1 @@
+"""toolvlm.vlm."""
