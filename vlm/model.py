@@ -253,7 +253,7 @@ def _read_config(source: str) -> dict[str, Any]:
     except OSError as err:
         raise UnsupportedCheckpointError(
             f"cannot load {source!r}: not a local folder and not reachable: {err}"
-        )
+        ) from err
 
 
 def load_vlm(
