@@ -42,14 +42,14 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny_lm(folder: Path, seed: int = 0) -> Path:
-    """Save a 2-layer, 32-wide random LLaMA with its tokenizer to `folder`."""
+def save_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """Save a 2-layer, `hidden`-wide (32) random LLaMA with its tokenizer to `folder`."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

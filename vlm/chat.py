@@ -208,8 +208,9 @@ class TemplateRenderer:
                 )
             cursor = start + len(body)
             end_text = self.tokenizer.eos_token or ""
-            if end_text and text.startswith(end_text, cursor):
-                cursor += len(end_text)
+            after = len(text[cursor:]) - len(text[cursor:].lstrip())
+            if end_text and text.startswith(end_text, cursor + after):  # the end-of-turn token is supervised
+                cursor += after + len(end_text)
             spans.append((start, cursor))
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         out = RenderedChat([], [], found)
@@ -222,7 +223,7 @@ class TemplateRenderer:
                 out.image_spans.append((start, len(out.input_ids)))
                 n_image_tokens += 1
                 continue
-            supervised = any(s <= a and b <= e for s, e in spans) and b > a
+            supervised = b > a and any(a < e and b > s for s, e in spans)  # tokens overlapping a span
             out.input_ids.append(token_id)
             out.labels.append(token_id if supervised else IGNORE_INDEX)
         if n_image_tokens != len(found):

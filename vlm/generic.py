@@ -21,6 +21,10 @@ from .engine import SamplingConfig
 from .images import ImageLike
 
 
+class UnsupportedProcessorError(ValueError):
+    """A checkpoint whose processor cannot be built here."""
+
+
 class GenericBackend:
     """Generation for image-text-to-text models through their processor and `model.generate`."""
 
@@ -120,17 +124,23 @@ def load_processor(source: str):
     import transformers
     from transformers import AutoProcessor
 
+    from transformers import ProcessorMixin
+
     try:
-        return AutoProcessor.from_pretrained(source, backend="pil")
-    except (AttributeError, ImportError, ValueError, TypeError) as err:
-        config_file = Path(source, "processor_config.json")
-        name = json.loads(config_file.read_text()).get("processor_class") if config_file.is_file() else None
-        cls = getattr(transformers, name, None) if name else None
-        if cls is None or "video_processor" not in cls.get_attributes():
-            raise
-        attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-        image_only = type(name, (cls,), {"get_attributes": classmethod(lambda _cls: list(attributes))})
-        processor = image_only.from_pretrained(source, backend="pil")
-        processor.video_processor = None
-        logging.getLogger(__name__).info("loaded %s without its video processor (%s)", name, err)
+        processor = AutoProcessor.from_pretrained(source, backend="pil")
+        reason: object = f"AutoProcessor gave a {type(processor).__name__}, not a processor"
+    except (AttributeError, ImportError, OSError, ValueError, TypeError) as err:  # e.g. video needs torchvision
+        processor, reason = None, err
+    if isinstance(processor, ProcessorMixin):
         return processor
+    config_file = Path(source, "processor_config.json")
+    name = json.loads(config_file.read_text()).get("processor_class") if config_file.is_file() else None
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None or "video_processor" not in cls.get_attributes():
+        raise UnsupportedProcessorError(f"cannot load the processor of {source}: {reason}")
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    image_only = type(name, (cls,), {"get_attributes": classmethod(lambda _cls: list(attributes))})
+    processor = image_only.from_pretrained(source, backend="pil")
+    processor.video_processor = None
+    logging.getLogger(__name__).info("loaded %s without its video processor (%s)", name, reason)
+    return processor
