@@ -45,7 +45,12 @@ def llava_hf_dir(tmp_path_factory):
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -78,8 +83,12 @@ class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 @pytest.fixture(scope="module")
 def qwen2_vl_dir(tmp_path_factory):
     tokenizer = make_tokenizer()
-    tokenizer.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
+    tokenizer.add_tokens(
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2
+    )
     processor = _ImageOnlyQwen2VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
@@ -121,15 +130,21 @@ def _engine_greedy(vlm, messages, images, n):
     from toolvlm.vlm.engine import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=n)
-    return list(vlm.engine.generate(rendered.input_ids, rendered.images, rendered.image_spans, cfg, use_cache=False))
+    return list(
+        vlm.engine.generate(rendered.input_ids, rendered.images, rendered.image_spans, cfg, use_cache=False)
+    )
 
 
 def test_llava_hf_checkpoint_loads_and_engine_matches_transformers_generate(llava_hf_dir):
     vlm = load_vlm(llava_hf_dir, dtype="float32")
     assert isinstance(vlm.renderer, TemplateRenderer)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do you see?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do you see?"}]}
+    ]
     images = [random_image(0)]
-    assert _engine_greedy(vlm, messages, images, 8) == _hf_greedy(vlm.model, vlm.processor, messages, images, 8)
+    assert _engine_greedy(vlm, messages, images, 8) == _hf_greedy(
+        vlm.model, vlm.processor, messages, images, 8
+    )
     assert isinstance(vlm.generate(messages, images, max_new_tokens=6), str)
 
 
@@ -140,7 +155,9 @@ def test_llava_hf_template_labels_cover_assistant_text_only(llava_hf_dir):
         {"role": "assistant", "content": [{"type": "text", "text": "About 85 people."}]},
     ]
     rendered = vlm.render(messages, [random_image(1)])
-    supervised = [t for t, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE_INDEX]
+    supervised = [
+        t for t, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE_INDEX
+    ]
     assert vlm.tokenizer.decode(supervised).strip() == "About 85 people. <|im_end|>"  # the template adds " "
     assert rendered.image_spans == [(rendered.image_spans[0][0], rendered.image_spans[0][0] + 16)]
 
@@ -148,13 +165,17 @@ def test_llava_hf_template_labels_cover_assistant_text_only(llava_hf_dir):
 def test_built_model_engine_matches_transformers_generate(tiny_lm_dir):  # noqa: F811
     vlm = build_vlm(tiny_spec(tiny_lm_dir, pooling=2), dtype="float32")
     messages, images = chat(2), [random_image(0), random_image(1)]
-    assert _engine_greedy(vlm, messages, images, 8) == _hf_greedy(vlm.model, vlm.processor, messages, images, 8)
+    assert _engine_greedy(vlm, messages, images, 8) == _hf_greedy(
+        vlm.model, vlm.processor, messages, images, 8
+    )
 
 
 def test_qwen2_vl_checkpoint_generates_through_the_same_interface(qwen2_vl_dir):
     vlm = load_vlm(qwen2_vl_dir, dtype="float32")
     assert not vlm.is_llava and vlm.supports_tool_template
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do you see?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do you see?"}]}
+    ]
     images = [random_image(2, size=60)]
     text = vlm.generate(messages, images, max_new_tokens=8)
     assert "".join(vlm.stream(messages, images, max_new_tokens=8)) == text

@@ -63,7 +63,9 @@ def test_adapter_saves_apart_loads_and_merges_to_same_outputs(base_dir, tmp_path
     merged = merge_adapter(reloaded)
     assert merged.generate(messages, images, max_new_tokens=10) == tuned
     merged.save(tmp_path / "merged")
-    assert load_vlm(tmp_path / "merged", dtype="float32").generate(messages, images, max_new_tokens=10) == tuned
+    assert (
+        load_vlm(tmp_path / "merged", dtype="float32").generate(messages, images, max_new_tokens=10) == tuned
+    )
 
 
 def test_qlora_4bit_forward_and_backward_on_cpu(tmp_path):

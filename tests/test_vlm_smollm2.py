@@ -15,7 +15,9 @@ pytestmark = pytest.mark.smollm2
 
 @pytest.fixture(scope="module")
 def smol_vlm():
-    vision = VisionSpec(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    vision = VisionSpec(
+        image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=1
+    )
     return build_vlm(VLMSpec(lm="smollm2", vision=vision), dtype="auto")
 
 
@@ -30,7 +32,9 @@ def test_converted_cache_loads_fast():
 
 
 def test_text_only_question_through_the_vlm_interface(smol_vlm):
-    answer = smol_vlm.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+    answer = smol_vlm.generate(
+        [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24
+    )
     assert "Paris" in answer
 
 
@@ -38,6 +42,8 @@ def test_image_and_text_turn_runs_with_a_fresh_vision_tower(smol_vlm):
     from PIL import Image
 
     image = Image.new("RGB", (80, 60), (30, 160, 40))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
+    ]
     assert isinstance(smol_vlm.generate(messages, [image], max_new_tokens=8), str)
     assert smol_vlm.engine.stats.prefilled_tokens > 16

@@ -1,0 +1,167 @@
+"""Grounding and counter tools end to end on tiny random OWLv2, OWL-ViT and Grounding DINO checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from toolvlm.tools import MissingWeightsError, build_tools, hf, imaging
+from toolvlm.tools.counter import CounterTool
+from toolvlm.tools.grounding import GroundingTool
+
+BACKENDS = [
+    ("owlv2", "owlv2"),
+    ("owlvit", "owlvit"),
+    ("grounding_dino", "grounding_dino"),
+    ("inhouse", "owlvit"),
+]
+
+pytest_plugins = ["fixtures_tools"]  # fixtures: scene, tiny_models, scene_path
+
+
+def _inside(box, image) -> bool:
+    x0, y0, x1, y1 = box
+    return 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+
+
+@pytest.mark.parametrize(("backend", "kind"), BACKENDS)
+def test_grounding_backend_end_to_end(scene, tiny_models, backend, kind):
+    tool = GroundingTool(backend=backend, model=str(tiny_models(kind)), threshold=0.0)
+    image = scene(160, 120)
+    out = tool(image=image, phrase="person; tree")
+    assert not out.error, out.content
+    art = out.artifact
+    assert art["count"] == len(art["boxes"]) == len(art["scores"]) == len(art["labels"]) > 0
+    assert set(art["labels"]) <= {"person", "tree"}
+    assert all(_inside(b, image) for b in art["boxes"])
+    assert art["scores"] == sorted(art["scores"], reverse=True)
+    assert out.images and out.images[0].size == image.size
+    assert "found" in out.content
+
+
+def test_grounding_threshold_and_max_boxes(scene, tiny_models):
+    tool = GroundingTool(backend="owlv2", model=str(tiny_models("owlv2")))
+    image = scene()
+    none = tool(image=image, phrase="person", threshold=1.0)
+    assert not none.error and none.artifact["count"] == 0 and "lower threshold" in none.content
+    capped = tool(image=image, phrase="person", threshold=0.0, max_boxes=2)
+    assert capped.artifact["count"] == 2
+
+
+def test_inhouse_refuses_other_architecture(scene, tiny_models):
+    tool = GroundingTool(backend="inhouse", model=str(tiny_models("owlv2")))
+    with pytest.raises(ValueError, match="owlvit"):
+        tool(image=scene(), phrase="person")
+
+
+def test_grounding_bad_input_is_an_observation(scene, tiny_models, tmp_path):
+    tool = GroundingTool(backend="owlvit", model=str(tiny_models("owlvit")))
+    image = scene()
+    empty = tool(image=image, phrase="  ")
+    assert empty.error and "empty" in empty.content
+    wrong = tool(image=image, phrase=3)
+    assert wrong.error and "phrase" in wrong.content
+    missing_file = tool(image=str(tmp_path / "nope.png"), phrase="person")
+    assert missing_file.error and "img_0" in missing_file.content
+    wrong_image = tool(image=42, phrase="person")
+    assert wrong_image.error
+    unknown = tool(image=image, phrase="person", colour="red")
+    assert unknown.error and "colour" in unknown.content and "phrase" in unknown.content
+    tiny = tool(image=Image.new("RGB", (3, 40)), phrase="person")
+    assert tiny.error and "too small" in tiny.content
+    bad_threshold = tool(image=image, phrase="person", threshold="high")
+    assert bad_threshold.error and "threshold" in bad_threshold.content
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "I;16"])
+def test_grounding_accepts_any_image_mode(scene, tiny_models, mode):
+    tool = GroundingTool(backend="owlvit", model=str(tiny_models("owlvit")), threshold=0.0)
+    image = scene(96, 64).convert(mode)
+    out = tool(image=image, phrase="person")
+    assert not out.error
+    assert all(_inside(b, image) for b in out.artifact["boxes"])
+
+
+def test_huge_image_is_downscaled_and_boxes_mapped_back(scene, tiny_models):
+    tool = GroundingTool(backend="owlvit", model=str(tiny_models("owlvit")), threshold=0.0, max_side=64)
+    huge = scene(1280, 640)
+    big = tool(image=huge, phrase="person")
+    small = tool(image=imaging.fit_image(huge, 64)[0], phrase="person")  # what the model saw: 64x32
+    assert big.artifact["image_size"] == [1280, 640]
+    assert big.artifact["count"] == small.artifact["count"] > 0
+    for b, s in zip(big.artifact["boxes"], small.artifact["boxes"], strict=True):
+        assert b == pytest.approx([c * 20 for c in s], abs=1.5)  # artifacts round to 0.1 px
+    assert all(_inside(b, Image.new("RGB", (1280, 640))) for b in big.artifact["boxes"])
+
+
+def test_missing_weights_raise_with_instructions(scene):
+    tool = GroundingTool()  # the in-house default, whose weights come later
+    with pytest.raises(MissingWeightsError, match="--profile"):
+        tool(image=scene(), phrase="person")
+
+
+def test_where_weights_are(tmp_path, scene):
+    assert hf.model_folder("grounding", "owlv2", "google/owlv2-base-patch16") == "google/owlv2-base-patch16"
+    with pytest.raises(MissingWeightsError, match="not found"):
+        hf.model_folder("grounding", "inhouse", "org/name", hub_ok=False)
+    with pytest.raises(MissingWeightsError, match="needs 'model'"):
+        hf.model_folder("grounding", "owlv2", None)
+    empty = GroundingTool(backend="owlvit", model=str(tmp_path))  # a folder without a checkpoint
+    with pytest.raises(MissingWeightsError, match="holds no checkpoint"):
+        empty(image=scene(), phrase="person")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(MissingWeightsError, match="cannot load 'owlvit' weights"):
+        GroundingTool(backend="owlvit", model=str(tmp_path))(image=scene(), phrase="person")
+
+
+def test_unknown_backend_lists_known_ones():
+    with pytest.raises(ValueError, match="owlv2.*owlvit|grounding_dino"):
+        GroundingTool(backend="yolo")
+
+
+@pytest.mark.parametrize("kind", ["owlv2", "grounding_dino"])
+def test_counter_counts_boxes_and_tiles(scene, tiny_models, kind):
+    counter = CounterTool(backend=kind, model=str(tiny_models(kind)), threshold=0.0, tile_size=96)
+    image = scene(300, 200, people=8)
+    out = counter(image=image, phrase="person")
+    assert not out.error
+    assert out.artifact["count"] == len(out.artifact["boxes"])
+    assert out.artifact["tiles"] > 1  # 300 px > 1.5 tiles of 96 px
+    assert out.content.startswith(f"about {out.artifact['count']} ")
+    assert out.images[0].size == image.size
+    untiled = counter(image=image, phrase="person", tiling=False)
+    assert untiled.artifact["tiles"] == 1
+
+
+def test_counter_shares_the_grounding_detector(scene, tiny_models):
+    tools = build_tools(
+        {
+            "grounding": {"backend": "owlvit", "model": str(tiny_models("owlvit"))},
+            "counter": {"threshold": 0.0},
+        }
+    )
+    assert tools["counter"].detector is tools["grounding"].detector
+    out = tools["counter"](image=scene(), phrase="person")
+    assert not out.error and out.artifact["count"] > 0
+
+
+@settings(
+    max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    width=st.integers(16, 400),
+    height=st.integers(16, 400),
+    threshold=st.floats(0.0, 0.6),
+    tiling=st.sampled_from([None, True, False]),
+)
+def test_property_count_equals_boxes_and_boxes_inside(scene, tiny_models, width, height, threshold, tiling):
+    counter = CounterTool(backend="owlvit", model=str(tiny_models("owlvit")), tile_size=128)
+    image = scene(width, height)
+    out = counter(image=image, phrase="person", threshold=threshold, tiling=tiling)
+    assert not out.error
+    art = out.artifact
+    assert art["count"] == len(art["boxes"]) == len(art["scores"])
+    assert all(s >= round(threshold, 4) - 1e-4 for s in art["scores"])  # artifacts round scores
+    assert all(_inside(b, image) for b in art["boxes"])

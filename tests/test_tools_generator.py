@@ -1,0 +1,133 @@
+"""The generator end to end on tiny random Stable Diffusion, GLIGEN and in-house layout-diffusion checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from toolvlm.tools import MissingWeightsError, build_tools
+from toolvlm.tools.generator import GeneratorTool
+from toolvlm.tools.layout import Layout
+from toolvlm.tools.layout_diffusion import LayoutDiffusion, rasterize
+
+pytest_plugins = ["fixtures_tools"]  # fixtures: scene, tiny_models, scene_path
+
+
+def _same(a, b) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sd_text_to_image_is_seeded(tiny_models):
+    tool = GeneratorTool(backend="sd", model=str(tiny_models("sd")), steps=2)
+    out = tool(prompt="a person and a tree", seed=3, width=32, height=32)
+    assert not out.error, out.content
+    assert out.images[0].size == (32, 32)
+    assert out.artifact["mode"] == "text" and out.artifact["seed"] == 3
+    again = tool(prompt="a person and a tree", seed=3, width=32, height=32)
+    other = tool(prompt="a person and a tree", seed=4, width=32, height=32)
+    assert _same(out.images[0], again.images[0])
+    assert not _same(out.images[0], other.images[0])
+
+
+def test_sd_takes_a_layout_as_a_prompt(tiny_models):
+    tool = GeneratorTool(backend="sd", model=str(tiny_models("sd")), steps=1)
+    out = tool(boxes=[[0, 0, 10, 10], [10, 10, 20, 30]], phrases=["person", "person"], width=36, height=32)
+    assert not out.error
+    assert out.images[0].size == (32, 32)  # rounded down to a multiple of 8
+    assert out.artifact["layout_used"] is False
+
+
+def test_gligen_layout_to_image(tiny_models):
+    tool = GeneratorTool(backend="gligen", model=str(tiny_models("gligen")), steps=2)
+    out = tool(
+        prompt="a park", boxes=[[2, 2, 16, 30], [18, 4, 30, 28]], phrases=["a person", "a tree"], seed=1
+    )
+    assert not out.error, out.content
+    assert out.images[0].size == (32, 32)  # the checkpoint's default size
+    assert out.artifact["mode"] == "layout" and out.artifact["layout_used"] is True
+    again = tool(
+        prompt="a park", boxes=[[2, 2, 16, 30], [18, 4, 30, 28]], phrases=["a person", "a tree"], seed=1
+    )
+    assert _same(out.images[0], again.images[0])
+    text_only = tool(prompt="a park", steps=1)
+    assert not text_only.error
+
+
+def test_inhouse_modes(tiny_models):
+    tool = GeneratorTool(backend="inhouse", model=str(tiny_models("inhouse_generator")), steps=2)
+    text = tool(prompt="3 people and a tree")
+    assert not text.error and text.images[0].size == (32, 32)
+    layout = tool(boxes=[[0, 0, 30, 40], [30, 10, 60, 60]], phrases=["people", "tree"], width=64, height=64)
+    assert not layout.error and layout.images[0].size == (64, 64)
+    assert layout.artifact["layout"]["labels"] == ["person", "tree"]
+    unknown = tool(boxes=[[0, 0, 10, 10]], phrases=["giraffe"])
+    assert unknown.error and "person" in unknown.content  # lists what it can draw
+
+
+def test_similar_image_doubles_people(scene, tiny_models):
+    tools = build_tools(
+        {
+            "grounding": {"backend": "owlvit", "model": str(tiny_models("owlvit")), "threshold": 0.0},
+            "generator": {"backend": "inhouse", "model": str(tiny_models("inhouse_generator")), "steps": 1},
+        }
+    )
+    generator = tools["generator"]
+    assert generator.grounding is tools["grounding"]
+    reference = scene(96, 64)
+    out = generator(image=reference, changes={"person": 2.0}, objects=["tree"], seed=5)
+    assert not out.error, out.content
+    before, after = out.artifact["counts_before"], out.artifact["counts_after"]
+    assert before["person"] > 0 and after["person"] == 2 * before["person"]
+    assert after["tree"] == before["tree"]
+    assert out.artifact["mode"] == "similar"
+    assert len(out.artifact["layout"]["boxes"]) == sum(after.values())
+    assert f"person {before['person']} -> {after['person']}" in out.content
+    again = generator(image=reference, changes={"person": 2.0}, objects=["tree"], seed=5)
+    assert _same(out.images[0], again.images[0])
+    fewer = generator(image=reference, changes={"person": "-1"}, objects=["tree"], seed=5)
+    assert fewer.artifact["counts_after"]["person"] == before["person"] - 1
+    bad = generator(image=reference, changes={"person": "lots"})
+    assert bad.error and "'+3'" in bad.content
+
+
+def test_similar_image_needs_grounding(scene, tiny_models):
+    tool = GeneratorTool(backend="inhouse", model=str(tiny_models("inhouse_generator")), steps=1)
+    with pytest.raises(MissingWeightsError, match="grounding"):
+        tool(image=scene(), changes={"person": 2})
+
+
+def test_generator_bad_input(tiny_models):
+    tool = GeneratorTool(backend="inhouse", model=str(tiny_models("inhouse_generator")), steps=1)
+    assert tool().error
+    assert "empty" in tool(prompt="   ").content
+    mismatch = tool(boxes=[[0, 0, 10, 10]], phrases=["person", "tree"])
+    assert mismatch.error and "one phrase per box" in mismatch.content
+    outside = tool(boxes=[[100, 100, 120, 120]], phrases=["person"])
+    assert outside.error and "outside" in outside.content
+    assert tool(prompt="a tree", steps=0).error
+    assert tool(prompt="a tree", seed="x").error
+
+
+def test_rasterize_layout_channels(tiny_models):
+    model = LayoutDiffusion.from_pretrained(tiny_models("inhouse_generator"))
+    layout = Layout(64, 64, [[0, 0, 32, 32], [32, 32, 64, 64]], ["person", "dog"])
+    channels = rasterize(layout, model.config)
+    assert channels.shape == (4, 32, 32)  # 3 categories + the centre map
+    assert channels[0, :16, :16].min() == 1 and channels[0, 16:, 16:].max() == 0
+    assert channels[1].max() == 0  # no tree
+    assert channels[2, 16:, 16:].min() == 1
+    assert channels[3, 8, 8] == pytest.approx(1, abs=0.1) and channels[3].max() <= 1
+
+
+@settings(
+    max_examples=5, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**31 - 1), people=st.integers(0, 5))
+def test_property_same_seed_same_image(tiny_models, seed, people):
+    tool = GeneratorTool(backend="inhouse", model=str(tiny_models("inhouse_generator")), steps=1)
+    prompt = f"{people} people and a dog"
+    first = tool(prompt=prompt, seed=seed)
+    second = tool(prompt=prompt, seed=seed)
+    assert _same(first.images[0], second.images[0])

@@ -1,0 +1,104 @@
+"""The `counter` tool: how many instances of a phrase -> count, boxes and the annotated image.
+
+It runs on a grounding backend (its own, or the grounding tool's detector when built together, see
+registry.build_tools), with a score threshold, per-label NMS and, for crowds of hundreds of small objects,
+tiling: an image larger than 1.5 tiles is cut into overlapping windows, each detected at the detector's full
+resolution, and the boxes merged back with NMS. The count is always the number of boxes returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+from toolvlm.tools import imaging
+from toolvlm.tools.base import Tool, ToolOutput
+from toolvlm.tools.detectors import make_detector
+from toolvlm.tools.grounding import IMAGE_PARAM, GroundingTool, locate, split_phrases
+
+
+class CounterTool(Tool):
+    """Count the instances of a phrase."""
+
+    name = "counter"
+    description = (
+        "Count how many instances of an object (e.g. 'person') are in an image; returns the count, the boxes "
+        "[x0, y0, x1, y1] in pixels and the image with the counted objects drawn. Works on crowds (tiling)."
+    )
+    inputs = {
+        "type": "object",
+        "properties": {
+            "image": {**IMAGE_PARAM, "description": "the image to count in (a handle such as img_0)"},
+            "phrase": {"type": "string", "description": "what to count, e.g. 'person'"},
+            "threshold": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "description": "minimum score of a counted box; lower counts more",
+            },
+            "tiling": {
+                "type": "boolean",
+                "description": "cut the image into overlapping tiles (default: only when the image is large)",
+            },
+        },
+        "required": ["image", "phrase"],
+    }
+
+    def __init__(
+        self,
+        backend: str = "inhouse",
+        model: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threshold: float = 0.2,
+        nms_iou: float = 0.5,
+        tile_size: int = 768,
+        max_side: int = 4096,
+        grounding: GroundingTool | None = None,
+    ) -> None:
+        super().__init__(device=device, dtype=dtype)
+        self.backend = backend
+        if grounding is not None and model is None:
+            self.detector = grounding.detector  # share the grounding tool's model
+        else:
+            self.detector = make_detector(self.name, backend, model=model, device=device, dtype=dtype)
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+        self.tile_size = tile_size
+        self.max_side = max_side
+
+    def setup(self) -> None:
+        """Load the detector's weights."""
+        self.detector.load(self.name)
+
+    def forward(
+        self, image: Image.Image, phrase: str, threshold: float | None = None, tiling: bool | None = None
+    ) -> ToolOutput:
+        """Count the phrase's instances."""
+        phrases = split_phrases(phrase)
+        threshold = self.threshold if threshold is None else threshold
+        small_side = max(image.size) * min(1.0, self.max_side / max(image.size))
+        if tiling is None:
+            tiling = small_side > 1.5 * self.tile_size
+        # forced tiling of a small image still cuts it into about 2x2 windows
+        tile = min(self.tile_size, math.ceil(small_side * 0.6)) if tiling else None
+        located = locate(self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile)
+        count = len(located.boxes)
+        artifact = {
+            **located.artifact(image),
+            "phrase": phrase,
+            "threshold": threshold,
+            "tiles": located.tiles,
+        }
+        artifact["per_label"] = {p: located.labels.count(p) for p in phrases}
+        annotated = imaging.draw_boxes(image, located.boxes, located.labels)
+        how = f" ({located.tiles} tiles)" if located.tiles > 1 else ""
+        if len(phrases) == 1:
+            content = f"about {count} instance(s) of '{phrase}' (score >= {threshold:g}){how}"
+        else:
+            counts = ", ".join(f"{n} {p}" for p, n in artifact["per_label"].items())
+            content = f"about {count} in all: {counts} (score >= {threshold:g}){how}"
+        if count == 0:
+            content += "; try a lower threshold or a more general phrase"
+        return ToolOutput(content=content, images=[annotated], artifact=artifact)

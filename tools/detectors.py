@@ -1,0 +1,211 @@
+"""Open-vocabulary detection backends behind one interface: `Detector.detect(image, phrases, threshold)`.
+
+Backends (keyed by name in `DETECTORS`): `owlv2`, `owlvit`, `grounding_dino` (transformers checkpoints in a
+local folder) and `inhouse`, the project's default: an OWL-ViT-architecture checkpoint (OwlViTForObjectDetection
+at small size, with its own tokenizer) loaded from any local folder holding one.
+
+A detector knows one model and its pre/post-processing; it returns raw detections (boxes in pixels of the
+image it was given, scores, the phrase each box answers). It knows nothing of thresholds for counting, NMS,
+tiling or drawing (see grounding.py). OWLv2's image processor needs scipy for its resize; we pad to a square
+and resize with PIL ourselves (same geometry: pad bottom/right with gray, then resize), then let the processor
+rescale and normalise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from toolvlm.tools import hf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Detection:
+    """One detected box: pixels of the image given, a score in [0, 1], the phrase it answers."""
+
+    box: list[float]
+    score: float
+    label: str
+
+
+class Detector:
+    """Base class: a lazily loaded open-vocabulary detector."""
+
+    backend = ""
+
+    def __init__(self, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model_path = model
+        self.device = device
+        self.dtype = dtype
+        self.model: Any = None
+        self.processor: Any = None
+
+    def load(self, tool: str = "grounding") -> None:
+        """Load the model and processor from the local folder (once)."""
+        if self.model is None:
+            where = hf.model_folder(tool, self.backend, self.model_path, hub_ok=self.backend != "inhouse")
+            with hf.loading(tool, self.backend, where):
+                self._load(where)
+
+    def _load(self, folder: Path | str) -> None:
+        raise NotImplementedError
+
+    def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
+        """Boxes for each phrase with score >= threshold (no NMS)."""
+        raise NotImplementedError
+
+
+class OwlDetector(Detector):
+    """OWL-ViT and OWLv2 (and the in-house OWL-ViT-architecture model)."""
+
+    backend = "owlvit"
+    model_type = "owlvit"
+
+    def _load(self, folder: Path | str) -> None:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        if config.model_type != self.model_type:
+            raise ValueError(
+                f"backend {self.backend!r} expects a {self.model_type} checkpoint, but {folder} holds "
+                f"model_type {config.model_type!r}"
+            )
+        cls = (
+            transformers.Owlv2ForObjectDetection
+            if self.model_type == "owlv2"
+            else transformers.OwlViTForObjectDetection
+        )
+        self.processor = transformers.AutoProcessor.from_pretrained(folder)
+        self.model = hf.place(cls.from_pretrained(folder), self.device, self.dtype)
+
+    def _pixels(self, image: Image.Image) -> dict[str, Any]:
+        return {"images": image}
+
+    def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
+        """Run the model once on all phrases; labels are the phrases."""
+        import torch
+
+        max_length = self.model.config.text_config.max_position_embeddings
+        inputs = self.processor(
+            text=[phrases],
+            **self._pixels(image),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+        )
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = inputs.to(self.device)
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        result = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=threshold, target_sizes=[(image.height, image.width)], text_labels=[phrases]
+        )[0]
+        return [
+            Detection([float(c) for c in box], float(score), label)
+            for box, score, label in zip(
+                result["boxes"].tolist(), result["scores"].tolist(), result["text_labels"], strict=True
+            )
+        ]
+
+
+class Owlv2Detector(OwlDetector):
+    """OWLv2: the image is padded to a square before resizing, so boxes are relative to the square."""
+
+    backend = "owlv2"
+    model_type = "owlv2"
+
+    def _pixels(self, image: Image.Image) -> dict[str, Any]:
+        size = self.processor.image_processor.size
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), (128, 128, 128))
+        square.paste(image, (0, 0))
+        resized = square.resize((size["width"], size["height"]), Image.Resampling.BILINEAR)
+        return {"images": resized, "do_pad": False, "do_resize": False}
+
+
+class InhouseDetector(OwlDetector):
+    """The default grounding model: OWL-ViT architecture at small size, trained in this project."""
+
+    backend = "inhouse"
+    model_type = "owlvit"
+
+
+class GroundingDinoDetector(Detector):
+    """Grounding DINO: phrases are joined as 'a. b.'; a box's label is the phrase whose tokens score highest."""
+
+    backend = "grounding_dino"
+
+    def _load(self, folder: Path | str) -> None:
+        import transformers
+
+        self.processor = transformers.AutoProcessor.from_pretrained(folder)
+        model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder)
+        if model.config.model_type != "grounding-dino":
+            raise ValueError(
+                f"backend 'grounding_dino' got a {model.config.model_type!r} checkpoint in {folder}"
+            )
+        self.model = hf.place(model, self.device, self.dtype)
+
+    def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
+        """Run once on 'p1. p2. ...'; score each query against each phrase's tokens."""
+        import torch
+
+        cleaned = [p.lower().strip().rstrip(".") for p in phrases]
+        text = " ".join(f"{p}." for p in cleaned)
+        spans, start = [], 0
+        for p in cleaned:
+            spans.append((start, start + len(p)))
+            start += len(p) + 2
+        inputs = self.processor(images=image, text=text, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = inputs.to(self.device)
+        offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        # threshold -1 keeps every query, in order, so that our phrase scores line up with the boxes;
+        # text_threshold 1 skips its label decoding (we score phrases ourselves below)
+        result = self.processor.post_process_grounded_object_detection(
+            outputs,
+            inputs["input_ids"],
+            threshold=-1.0,
+            text_threshold=1.0,
+            target_sizes=[(image.height, image.width)],
+        )[0]
+        probs = outputs.logits[0].sigmoid()  # (queries, max_text_len)
+        token_sets = [
+            [t for t, (a, b) in enumerate(offsets) if b > a and a >= lo and b <= hi and t < probs.shape[1]]
+            for lo, hi in spans
+        ]
+        detections = []
+        for q, box in enumerate(result["boxes"].tolist()):
+            scores = [float(probs[q, toks].max()) if toks else 0.0 for toks in token_sets]
+            best = max(range(len(phrases)), key=scores.__getitem__)
+            if scores[best] >= threshold:
+                detections.append(Detection([float(c) for c in box], scores[best], phrases[best]))
+        return detections
+
+
+DETECTORS: dict[str, type[Detector]] = {
+    "owlv2": Owlv2Detector,
+    "owlvit": OwlDetector,
+    "grounding_dino": GroundingDinoDetector,
+    "inhouse": InhouseDetector,
+}
+
+
+def make_detector(tool: str, backend: str, **options: Any) -> Detector:
+    """A detector for a backend name; raises ValueError listing the known backends."""
+    if backend not in DETECTORS:
+        raise hf.unknown_backend(tool, backend, list(DETECTORS))
+    return DETECTORS[backend](**options)

@@ -1,0 +1,188 @@
+"""Images and boxes: loading and normalising images, downscaling with the scale kept, box checks, NMS,
+tiling and drawing.
+
+Boxes are `[x0, y0, x1, y1]` floats in pixels of the image as given. Everything here is numpy and PIL:
+no torch, no models. Input problems raise `ToolInputError` with a message for the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from toolvlm.tools.base import ToolInputError
+
+Box = list[float]
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (grayscale, RGBA, palette, CMYK, 16-bit) to RGB; transparency goes on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() if array.size and array.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(array / top, 0, 1) * 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """An RGB PIL image from a PIL image or a file path."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ToolInputError(
+            f"no image file {str(source)!r}; pass an image handle such as 'img_0' or a file path"
+        )
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return to_rgb(opened)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ToolInputError(f"cannot read {str(source)!r} as an image ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise ToolInputError(
+            f"{str(source)!r} is too large to open safely ({err}); pass a smaller image"
+        ) from None
+
+
+def fit_image(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """Downscale so that the longer side is at most `max_side`; returns (image, scale new/old)."""
+    longest = max(image.size)
+    if longest <= max_side:
+        return image, 1.0
+    scale = max_side / longest
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), scale
+
+
+def scale_boxes(boxes: Sequence[Sequence[float]], factor: float) -> list[Box]:
+    """Multiply every coordinate by `factor`."""
+    return [[float(c) * factor for c in box] for box in boxes]
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> Box:
+    """Clip a box to the image."""
+    x0, y0, x1, y1 = (float(c) for c in box)
+    return [
+        min(max(x0, 0.0), width),
+        min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+    ]
+
+
+def check_box(box: Sequence[float], width: int, height: int) -> tuple[Box, bool]:
+    """Validate a caller's box: returns (box clipped to the image, whether it was clipped); raises on nonsense."""
+    if len(box) != 4 or not all(isinstance(c, int | float) and math.isfinite(c) for c in box):
+        raise ToolInputError(f"a box is 4 numbers [x0, y0, x1, y1] in pixels, got {list(box)!r}")
+    x0, y0, x1, y1 = (float(c) for c in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ToolInputError(f"box {list(box)} is empty or reversed; it must satisfy x0 < x1 and y0 < y1")
+    clipped = clip_box(box, width, height)
+    if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
+        raise ToolInputError(
+            f"box {list(box)} lies outside the image, which is {width}x{height} pixels "
+            f"(x in 0..{width}, y in 0..{height})"
+        )
+    return clipped, clipped != [x0, y0, x1, y1]
+
+
+def box_area(box: Sequence[float]) -> float:
+    """Area of a box (0 when empty)."""
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes."""
+    inter = box_area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], iou_threshold: float) -> list[int]:
+    """Greedy non-maximum suppression; indices kept, best score first."""
+    if len(boxes) == 0:
+        return []
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    order = list(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"))
+    areas = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    keep: list[int] = []
+    while order:
+        i = order.pop(0)
+        keep.append(int(i))
+        if not order:
+            break
+        rest = np.asarray(order)
+        w = np.clip(np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0]), 0, None)
+        h = np.clip(np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1]), 0, None)
+        inter = w * h
+        union = areas[i] + areas[rest] - inter
+        overlap = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+        order = [int(j) for j, o in zip(rest, overlap, strict=True) if o <= iou_threshold]
+    return keep
+
+
+def tiles(width: int, height: int, tile: int, overlap: float = 0.2) -> list[tuple[int, int, int, int]]:
+    """Overlapping windows `(x0, y0, x1, y1)` of side at most `tile` covering the whole image."""
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        step = max(1, int(tile * (1 - overlap)))
+        n = math.ceil((length - tile) / step) + 1
+        return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+    return [
+        (x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)
+    ]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str] | None = None,
+    scores: Sequence[float] | None = None,
+) -> Image.Image:
+    """A copy of `image` with the boxes drawn, each labelled (and scored when scores are given)."""
+    canvas = to_rgb(image).copy()
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(max(canvas.size) / 300))
+    font = _font(max(10, round(max(canvas.size) / 50)))
+    names = sorted(set(labels or []))
+    for i, box in enumerate(boxes):
+        label = labels[i] if labels else ""
+        color = PALETTE[names.index(label) % len(PALETTE)] if label in names else PALETTE[0]
+        x0, y0, x1, y1 = clip_box(box, canvas.width - 1, canvas.height - 1)
+        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=width)
+        text = label + (f" {scores[i]:.2f}" if scores is not None else "")
+        if text.strip():
+            left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+            ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
+            draw.rectangle([x0, ty, x0 + right - left + 2, ty + bottom - top + 2], fill=color)
+            draw.text((x0 + 1, ty), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def round_box(box: Sequence[float], digits: int = 1) -> Box:
+    """Round coordinates for artifacts."""
+    return [round(float(c), digits) for c in box]

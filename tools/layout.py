@@ -1,0 +1,145 @@
+"""Layouts for "a similar image": edit a detected layout by requested changes in object counts.
+
+A layout is parallel lists of boxes `[x0, y0, x1, y1]` (pixels of a width x height canvas) and labels. A change
+for a label is a factor (2.0 or "x2": double), an offset ("+3", "-2") or a target ("=10"). Removing keeps a
+seeded random subset; adding places new boxes of the label's median size (or a default size when the label is
+absent) at the candidate position, among seeded random ones, that overlaps the existing boxes least.
+Everything is deterministic given the seed. No models, no torch.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any
+
+from toolvlm.tools.base import ToolInputError
+
+CHANGE = re.compile(r"^\s*(?P<op>[x*+\-=]?)\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*$")
+
+
+@dataclass
+class Layout:
+    """Boxes and labels on a canvas."""
+
+    width: int
+    height: int
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Instances per label."""
+        return dict(Counter(self.labels))
+
+    def scaled(self, width: int, height: int) -> Layout:
+        """The same layout on a canvas of another size."""
+        sx, sy = width / self.width, height / self.height
+        boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in self.boxes]
+        return Layout(width, height, boxes, list(self.labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON view."""
+        return {
+            "size": [self.width, self.height],
+            "boxes": [[round(c, 1) for c in b] for b in self.boxes],
+            "labels": list(self.labels),
+        }
+
+
+def target_count(change: float | int | str, current: int) -> int:
+    """The count after a change: a factor (2.0, 'x2'), an offset ('+3', '-1') or a target ('=10')."""
+    if isinstance(change, bool):
+        raise ToolInputError(
+            f"a count change must be a number or text like 'x2', '+3', '=10', got {change!r}"
+        )
+    if isinstance(change, int | float):
+        op, num = "x", float(change)
+    else:
+        match = CHANGE.match(str(change))
+        if not match:
+            raise ToolInputError(
+                f"cannot read the count change {change!r}; use a factor (2 or 'x2'), '+3', '-2' or '=10'"
+            )
+        op, num = match.group("op") or "x", float(match.group("num"))
+    if op in ("x", "*"):
+        return max(0, round(current * num))
+    if op == "+":
+        return current + round(num)
+    if op == "-":
+        return max(0, current - round(num))
+    return round(num)
+
+
+def _overlap(a: list[float], b: list[float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def place_boxes(layout: Layout, label: str, n: int, rng: random.Random, candidates: int = 64) -> None:
+    """Add `n` boxes of `label` where they overlap existing boxes least."""
+    same = [b for b, lab in zip(layout.boxes, layout.labels, strict=True) if lab == label]
+    if same:
+        bw = median(b[2] - b[0] for b in same)
+        bh = median(b[3] - b[1] for b in same)
+    else:
+        bw = bh = min(layout.width, layout.height) / 6
+    bw, bh = min(bw, layout.width), min(bh, layout.height)
+    for _ in range(n):
+        best, best_cost = None, float("inf")
+        for _ in range(candidates):
+            x0 = rng.uniform(0, layout.width - bw)
+            y0 = rng.uniform(0, layout.height - bh)
+            box = [x0, y0, x0 + bw, y0 + bh]
+            cost = sum(_overlap(box, other) for other in layout.boxes)
+            if cost < best_cost:
+                best, best_cost = box, cost
+                if cost == 0:
+                    break
+        layout.boxes.append(best)
+        layout.labels.append(label)
+
+
+def edit_layout(
+    layout: Layout, changes: dict[str, float | int | str], seed: int = 0
+) -> tuple[Layout, list[str]]:
+    """A new layout with the requested counts; the rest is kept. Returns (layout, notes for the model)."""
+    rng = random.Random(seed)
+    result = Layout(layout.width, layout.height, [list(b) for b in layout.boxes], list(layout.labels))
+    notes = []
+    for label, change in changes.items():
+        current = result.labels.count(label)
+        target = target_count(change, current)
+        if target < current:
+            indices = [i for i, lab in enumerate(result.labels) if lab == label]
+            drop = set(rng.sample(indices, current - target))
+            result.boxes = [b for i, b in enumerate(result.boxes) if i not in drop]
+            result.labels = [lab for i, lab in enumerate(result.labels) if i not in drop]
+        elif target > current:
+            place_boxes(result, label, target - current, rng)
+        if current == 0 and not isinstance(change, str):
+            notes.append(f"no '{label}' found in the reference, so a factor changes nothing; use '+N' to add")
+        elif current == 0 and target == 0:
+            notes.append(f"no '{label}' found in the reference")
+    return result, notes
+
+
+def plural(noun: str) -> str:
+    """A naive English plural ('person' -> 'people', 'bus' -> 'buses', 'car' -> 'cars')."""
+    if noun.endswith("person"):
+        return noun[: -len("person")] + "people"
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    return noun + "s"
+
+
+def layout_prompt(counts: dict[str, int], base: str | None = None) -> str:
+    """A text prompt naming the layout's contents (used by backends that cannot take a layout)."""
+    parts = [f"{n} {plural(label)}" if n != 1 else f"one {label}" for label, n in counts.items() if n > 0]
+    text = ", ".join(parts)
+    if base:
+        return f"{base}, with {text}" if text else base
+    return f"a photo with {text}" if text else "a photo"

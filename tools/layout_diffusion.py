@@ -1,0 +1,212 @@
+"""The in-house generator: a small pixel-space diffusion model conditioned on a layout.
+
+Model: a diffusers `UNet2DModel` on `image_size` x `image_size` RGB pixels, predicting the noise (epsilon),
+with `3 + C` input channels: the noisy image, concatenated with C layout channels, C = K + 1 for K categories.
+
+Layout conditioning (rasterised on the model's square canvas; a layout of another size is scaled to it):
+- channel k < K: 1 inside every box of category k (the union of its boxes), 0 elsewhere;
+- channel K (instance centres): a Gaussian bump of peak 1 at every box's centre, sigma = `centre_sigma` times
+  the box's smaller side, summed over boxes and clipped to 1, so that a crowd of overlapping instances still
+  says how many there are.
+Channels are mapped from [0, 1] to [-1, 1] like the pixels. An empty layout is all -1 (no objects).
+
+Sampling: seeded Gaussian noise (a CPU `torch.Generator`, so a seed gives the same image on any device), then
+DDIM (eta 0, deterministic) over `steps` steps of the training DDPM schedule. Text is not an input: the
+generator tool maps phrases to categories (`category_of`).
+
+Checkpoint folder: `unet/` (UNet2DModel.save_pretrained), `scheduler/` (the training scheduler's config) and
+`layout.json` (`LayoutDiffusionConfig` as JSON). `from_pretrained` loads any folder of this architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from toolvlm.tools.base import ToolInputError
+from toolvlm.tools.layout import Layout
+
+IRREGULAR_PLURALS = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse"}
+
+
+@dataclass
+class LayoutDiffusionConfig:
+    """Architecture and conditioning of the in-house generator; saved as layout.json beside the weights."""
+
+    categories: list[str] = field(default_factory=lambda: ["person", "tree"])
+    image_size: int = 64
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    centre_sigma: float = 0.25
+    version: int = 1
+
+    @property
+    def layout_channels(self) -> int:
+        """Number of conditioning channels (categories + the centre map)."""
+        return len(self.categories) + 1
+
+
+def rasterize(layout: Layout, config: LayoutDiffusionConfig) -> np.ndarray:
+    """The (C, S, S) float32 conditioning of a layout, values in [0, 1]."""
+    size = config.image_size
+    canvas = layout.scaled(size, size)
+    out = np.zeros((config.layout_channels, size, size), dtype=np.float32)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    for box, label in zip(canvas.boxes, canvas.labels, strict=True):
+        k = config.categories.index(label)
+        x0, y0, x1, y1 = (int(round(c)) for c in box)
+        x0, y0 = max(0, min(x0, size - 1)), max(0, min(y0, size - 1))
+        x1, y1 = max(x0 + 1, min(x1, size)), max(y0 + 1, min(y1, size))
+        out[k, y0:y1, x0:x1] = 1.0
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        sigma = max(0.5, config.centre_sigma * min(box[2] - box[0], box[3] - box[1]))
+        out[-1] += np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
+    np.clip(out[-1], 0, 1, out=out[-1])
+    return out
+
+
+class LayoutDiffusion:
+    """UNet2DModel + scheduler + layout config: build, save, load, sample."""
+
+    def __init__(self, unet: Any, scheduler: Any, config: LayoutDiffusionConfig) -> None:
+        self.unet = unet
+        self.scheduler = scheduler
+        self.config = config
+
+    @classmethod
+    def build(cls, config: LayoutDiffusionConfig) -> LayoutDiffusion:
+        """A randomly initialised model of this architecture."""
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        n = len(config.block_out_channels)
+        unet = UNet2DModel(
+            sample_size=config.image_size,
+            in_channels=3 + config.layout_channels,
+            out_channels=3,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+            up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+            norm_num_groups=config.norm_num_groups,
+        )
+        scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps, beta_schedule="squaredcos_cap_v2"
+        )
+        return cls(unet, scheduler, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str = "cpu", dtype: str = "float32"
+    ) -> LayoutDiffusion:
+        """Load a checkpoint folder (unet/, scheduler/, layout.json)."""
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        from toolvlm.tools import hf
+
+        folder = Path(folder)
+        if not (folder / "layout.json").is_file():
+            raise ValueError(f"{folder} is not an in-house generator checkpoint (no layout.json)")
+        config = LayoutDiffusionConfig(**json.loads((folder / "layout.json").read_text()))
+        unet = UNet2DModel.from_pretrained(folder / "unet", dtype=hf.torch_dtype(dtype)).to(device).eval()
+        if unet.config.in_channels != 3 + config.layout_channels:
+            raise ValueError(
+                f"{folder}: the UNet takes {unet.config.in_channels} input channels but layout.json implies "
+                f"{3 + config.layout_channels} (3 + {len(config.categories)} categories + 1)"
+            )
+        return cls(unet, DDPMScheduler.from_pretrained(folder / "scheduler"), config)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write unet/, scheduler/ and layout.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        (folder / "layout.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    def category_of(self, phrase: str) -> str:
+        """The category a phrase names ('people' -> 'person'); ToolInputError when none."""
+        words = [w for w in phrase.lower().strip().split() if w not in ("a", "an", "the", "some")]
+        text = " ".join(words)
+        for candidate in (
+            text,
+            IRREGULAR_PLURALS.get(text, text),
+            text.removesuffix("es"),
+            text.removesuffix("s"),
+        ):
+            if candidate in self.config.categories:
+                return candidate
+        raise ToolInputError(
+            f"the in-house generator cannot draw '{phrase}'; it knows: {', '.join(self.config.categories)}"
+        )
+
+    def conditioning(self, layout: Layout) -> Any:
+        """The (1, C, S, S) conditioning tensor in [-1, 1]."""
+        import torch
+
+        return torch.from_numpy(rasterize(layout, self.config) * 2 - 1)[None]
+
+    def training_loss(self, pixels: Any, conditioning: Any, generator: Any = None) -> Any:
+        """Noise-prediction MSE for a batch of images in [-1, 1] and their layout conditioning."""
+        import torch
+
+        noise = torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (pixels.shape[0],), generator=generator, device=pixels.device)
+        noisy = self.scheduler.add_noise(pixels, noise, t)
+        predicted = self.unet(torch.cat([noisy, conditioning.to(noisy.dtype)], dim=1), t).sample
+        return torch.nn.functional.mse_loss(predicted.float(), noise.float())
+
+    def generate(self, layout: Layout, seed: int = 0, steps: int = 50) -> Image.Image:
+        """Sample an image of the layout (square, image_size pixels); deterministic given the seed."""
+        import torch
+        from diffusers import DDIMScheduler
+
+        size = self.config.image_size
+        sampler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=True, set_alpha_to_one=True)
+        sampler.set_timesteps(max(1, steps))
+        param = next(self.unet.parameters())
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn((1, 3, size, size), generator=generator).to(param.device, param.dtype)
+        cond = self.conditioning(layout).to(param.device, param.dtype)
+        with torch.inference_mode():
+            for t in sampler.timesteps:
+                eps = self.unet(torch.cat([x, cond], dim=1), t).sample
+                x = sampler.step(eps, t, x, eta=0.0).prev_sample
+        array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array, mode="RGB")
+
+
+def default_boxes_for(counts: dict[str, int], size: int, seed: int) -> Layout:
+    """A layout with the given instances per category at free positions (for text-only requests)."""
+    import random
+
+    from toolvlm.tools.layout import place_boxes
+
+    layout = Layout(size, size)
+    rng = random.Random(seed)
+    for label, n in counts.items():
+        place_boxes(layout, label, n, rng)
+    return layout
+
+
+def counts_in_prompt(prompt: str, model: LayoutDiffusion) -> dict[str, int]:
+    """Categories named in a prompt with their counts ('3 people and a tree' -> {'person': 3, 'tree': 1})."""
+    numbers = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "ten": 10}
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    counts: dict[str, int] = {}
+    for i, word in enumerate(words):
+        try:
+            category = model.category_of(word)
+        except ToolInputError:
+            continue
+        before = words[i - 1] if i else ""
+        n = int(before) if before.isdigit() else numbers.get(before, 1)
+        counts[category] = counts.get(category, 0) + n
+    return counts
