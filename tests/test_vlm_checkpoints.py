@@ -185,3 +185,57 @@ def test_qwen2_vl_checkpoint_generates_through_the_same_interface(qwen2_vl_dir):
     tools = [{"name": "counter", "description": "count", "parameters": {"type": "object", "properties": {}}}]
     rendered = vlm.render(messages, images, add_generation_prompt=True, tools=tools)
     assert "Tools: counter" in vlm.tokenizer.decode(rendered.input_ids)
+
+
+IDEFICS3_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def idefics3_dir(tmp_path_factory):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"], special_tokens=True
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+    )
+    # image_seq_len = (image_size / patch_size)^2 / scale_factor^2 = (32 / 8)^2 / 4
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+    )
+    config = Idefics3Config(
+        text_config=dict(
+            model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+            patch_size=8,
+        ),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("idefics3")
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_idefics3_smolvlm_style_checkpoint_generates(idefics3_dir):
+    vlm = load_vlm(idefics3_dir, dtype="float32")
+    assert vlm.model.config.model_type == "idefics3" and not vlm.is_llava
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What do you see?"}]}
+    ]
+    images = [random_image(4, size=60)]
+    text = vlm.generate(messages, images, max_new_tokens=8)
+    expected = _hf_greedy(vlm.model, vlm.processor, messages, images, 8)
+    assert text == vlm.tokenizer.decode(expected, skip_special_tokens=True)
