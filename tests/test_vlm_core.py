@@ -186,3 +186,37 @@ def test_dtype_auto_uses_bf16_where_the_cpu_has_it(tiny_lm_dir):  # noqa: F811
     vlm = build_vlm(tiny_spec(tiny_lm_dir), dtype="bfloat16")
     assert vlm.model.dtype == torch.bfloat16
     assert isinstance(vlm.generate(chat(1), [random_image(0)], max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_vision_encoder_from_a_local_checkpoint(tmp_path, tiny_lm_dir, kind):  # noqa: F811
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    shape = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32
+    )
+    if kind == "clip":  # a full CLIP model: its vision half is taken
+        text = CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+        vision = CLIPVisionConfig(patch_size=8, **shape)
+        encoder = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+        reference = encoder.vision_model
+    else:
+        encoder = SiglipVisionModel(SiglipVisionConfig(patch_size=8, **shape))
+        reference = encoder
+    encoder.save_pretrained(tmp_path / "encoder")
+    spec = tiny_spec(tiny_lm_dir)
+    spec.vision.checkpoint = str(tmp_path / "encoder")
+    vlm = build_vlm(spec, dtype="float32")
+    tower = vlm.model.model.vision_tower
+    for (name, a), b in zip(reference.state_dict().items(), tower.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert isinstance(vlm.generate(chat(1), [random_image(0)], max_new_tokens=3), str)

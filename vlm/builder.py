@@ -17,7 +17,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    AutoModel,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -135,10 +134,9 @@ def assemble(spec: VLMSpec, dtype: str | torch.dtype = "auto"):
     config.image_seq_length = image_tokens_per_image(config)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    if spec.vision.checkpoint:
-        tower = AutoModel.from_pretrained(spec.vision.checkpoint)
-        tower = getattr(tower, "vision_model", tower)
-        model.model.vision_tower.vision_model.load_state_dict(tower.state_dict())
+    if spec.vision.checkpoint:  # the vision model class reads a full CLIP/SigLIP checkpoint's vision half too
+        tower = type(model.model.vision_tower).from_pretrained(spec.vision.checkpoint, dtype=torch.float32)
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

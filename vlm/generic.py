@@ -122,14 +122,18 @@ def load_processor(source: str):
     from pathlib import Path
 
     import transformers
-    from transformers import AutoProcessor
-
-    from transformers import ProcessorMixin
+    from transformers import AutoProcessor, ProcessorMixin
 
     try:
         processor = AutoProcessor.from_pretrained(source, backend="pil")
         reason: object = f"AutoProcessor gave a {type(processor).__name__}, not a processor"
-    except (AttributeError, ImportError, OSError, ValueError, TypeError) as err:  # e.g. video needs torchvision
+    except (
+        AttributeError,
+        ImportError,
+        OSError,
+        ValueError,
+        TypeError,
+    ) as err:  # e.g. video needs torchvision
         processor, reason = None, err
     if isinstance(processor, ProcessorMixin):
         return processor

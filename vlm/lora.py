@@ -53,7 +53,11 @@ def quantized_load(folder: str | Path, compute_dtype: str | torch.dtype = "auto"
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],  # from the start
+        llm_int8_skip_modules=[
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "lm_head",
+        ],  # from the start
     )
     return AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config, dtype=dtype)
 
