@@ -1,0 +1,365 @@
+"""The agent loop: generate -> parse calls -> check them -> resolve image handles -> run tools -> feed back.
+
+`Agent.run(text, images)` adds a user turn and yields events until the controller answers without a call or a
+limit is hit; every step goes to the trajectory (and the session folder, when there is one) as soon as it
+exists. Two kinds of error, kept apart:
+
+- Mistakes of the model (an unparseable call, an unknown tool, invalid arguments, an unknown image handle, a
+  tool reporting bad input) become `ToolStep(error=True)` observations the model reads next; after
+  `max_retries` replies in a row that made only mistakes the turn ends with finish "retries".
+- Bugs and infrastructure failures (a tool raising, the controller failing) raise; the steps before them are
+  already saved, and `Agent.resume()` runs what the last reply asked for but never got.
+
+Ctrl-C (KeyboardInterrupt) during a turn records what was generated as a cancelled reply, or ends the turn,
+and re-raises, so a REPL cancels the generation and keeps the session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from PIL import Image
+
+from .events import AnswerEvent, Event, TokenEvent, ToolCallEvent, ToolResultEvent
+from .memory import ImageMemory
+from .prompting import openai_tools, system_prompt
+from .protocol import STOP_STRINGS, CallTextFilter, ToolCall, parse_reply
+from .session import SessionStore, jsonable
+from .trajectory import AssistantStep, EndStep, Step, ToolStep, Trajectory, UserStep
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMAT = "image"
+
+
+@dataclass
+class AgentConfig:
+    """Limits and generation options of the loop."""
+
+    max_steps: int = 6  # controller replies per turn
+    max_retries: int = 2  # replies in a row that made only mistakes, before giving up
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    constrained: bool = False  # constrain the JSON of tool calls to the tools' schemas (local controllers)
+    tool_choice: str = "auto"  # with constrained: "required" makes the first reply of a turn one valid call
+    native_tools: bool | None = None  # pass schemas through tools=; None: when the controller supports it
+    prompts: str = "agent"  # a prompt file of toolvlm.prompts, or a YAML path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> AgentConfig:
+        """Build from a mapping; unknown keys raise, naming the known ones."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown agent option(s) {unknown}; options are: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a dict."""
+        return asdict(self)
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """An RGB image from a file, with a clear error when it is missing or not an image."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"{path} is not an image PIL can read: {err}") from None
+
+
+class Agent:
+    """A controller, its tools, the conversation so far and (optionally) the session folder it is saved in."""
+
+    def __init__(
+        self,
+        controller: Any,
+        tools: Mapping[str, Any] | Sequence[Any] = (),
+        config: AgentConfig | None = None,
+        session: SessionStore | None = None,
+    ):
+        self.controller = controller
+        self.tools: dict[str, Any] = dict(tools) if isinstance(tools, Mapping) else {t.name: t for t in tools}
+        self.config = config or AgentConfig()
+        self.session = session
+        self.trajectory, self.memory = (
+            session.load() if session is not None else (Trajectory(), ImageMemory())
+        )
+        self._validators = {
+            name: jsonschema.Draft202012Validator(tool.inputs) for name, tool in self.tools.items()
+        }
+        self._grammar = None
+        if self.config.tool_choice not in ("auto", "required"):
+            raise ValueError(f"tool_choice must be 'auto' or 'required', got {self.config.tool_choice!r}")
+        if self.config.constrained:
+            from .constrained import ToolCallGrammar
+
+            tokenizer = getattr(controller, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError(
+                    f"constrained decoding needs a controller with a tokenizer; {type(controller).__name__} "
+                    "has none (use a local controller, or set constrained: false)"
+                )
+            self._grammar = ToolCallGrammar(tokenizer, getattr(controller, "stop_token_ids", None))
+
+    # -- what the controller sees -------------------------------------------------------------------------
+
+    @property
+    def native_tools(self) -> bool:
+        """True when tool schemas go through the chat template's `tools=`."""
+        if self.config.native_tools is None:
+            return bool(getattr(self.controller, "supports_tool_template", False)) and bool(self.tools)
+        return self.config.native_tools and bool(self.tools)
+
+    def schemas(self) -> list[dict[str, Any]]:
+        """The schemas of the tools: {"name", "description", "parameters"} each."""
+        return [tool.schema() for tool in self.tools.values()]
+
+    def system_prompt(self) -> str:
+        """The system message."""
+        return system_prompt(self.schemas(), native=self.native_tools, prompts=self.config.prompts)
+
+    def render(self) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """The messages and images the controller gets for the next reply."""
+        messages = self.trajectory.to_messages(self.system_prompt())
+        images = [self.memory.get(h) for h in self.trajectory.image_handles()]
+        return messages, images
+
+    # -- recording ----------------------------------------------------------------------------------------
+
+    def _record(self, step: Step) -> None:
+        self.trajectory.append(step)
+        if self.session is not None:
+            self.session.append(step)
+
+    def add_image(self, image: Image.Image | str | Path, source: str = "user") -> str:
+        """Remember an image (saved to the session folder) and return its handle."""
+        if not isinstance(image, Image.Image):
+            image = load_image_file(image)
+        handle = self.memory.add(image, source)
+        if self.session is not None:
+            self.session.save_image(handle, image, source)
+        return handle
+
+    def image_path(self, handle: str) -> Path | None:
+        """Where the image of `handle` is saved, if there is a session folder."""
+        return self.session.image_path(handle) if self.session is not None else None
+
+    def reset(self) -> None:
+        """Start a new conversation; a session folder moves the old one to its archive/."""
+        if self.session is not None:
+            self.session.archive()
+        self.trajectory = Trajectory()
+        self.memory = ImageMemory()
+        reset = getattr(self.controller, "reset", None)
+        if reset is not None:
+            reset()
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def run(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> Iterator[Event]:
+        """Add a user turn (text and images) and yield events until it is answered or ends."""
+        loaded = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        handles = [self.add_image(im, "user") for im in loaded]
+        self._record(UserStep(text=text, images=handles))
+        yield from self._guarded()
+
+    def resume(self) -> Iterator[Event]:
+        """Finish an interrupted turn: run the calls left without results, then go on generating."""
+        if self.trajectory.turn_finished():
+            return
+        yield from self._guarded()
+
+    def _guarded(self) -> Iterator[Event]:
+        generating: list[str] | None = None  # the text so far while a reply is being generated
+        try:
+            for item in self._loop():
+                if isinstance(item, list):  # the generation's text buffer, shared to survive Ctrl-C
+                    generating = item
+                    continue
+                if isinstance(item, AssistantStep):
+                    generating = None
+                    continue
+                yield item
+        except KeyboardInterrupt:
+            if generating is not None:
+                self._record(AssistantStep(text="".join(generating), cancelled=True))
+            elif not self.trajectory.turn_finished():
+                self._record(EndStep(finish="cancelled", text="cancelled by the user"))
+            raise
+
+    def _loop(self) -> Iterator[Any]:
+        for item in self.trajectory.pending_calls():
+            yield from self._execute(item)
+        while True:
+            turn = self.trajectory.current_turn()
+            n_replies = sum(isinstance(s, AssistantStep) for s in turn)
+            failures = _trailing_failures(turn)
+            if failures > self.config.max_retries:
+                last = next(s for s in reversed(turn) if isinstance(s, ToolStep))
+                text = f"(gave up after {failures} replies whose tool calls all failed; last error: {last.content})"
+                yield from self._end("retries", text)
+                return
+            if n_replies >= self.config.max_steps:
+                yield from self._end("step_limit", f"(stopped after {n_replies} replies without an answer)")
+                return
+            buffer: list[str] = []
+            yield buffer
+            yield from self._generate(buffer)
+            parsed = parse_reply("".join(buffer))
+            step = AssistantStep(text="".join(buffer), calls=parsed.calls, errors=parsed.errors)
+            self._record(step)
+            yield step
+            if step.is_answer:
+                turn = self.trajectory.current_turn()
+                yield AnswerEvent(parsed.text, list(turn), _made_images(turn), "answer")
+                return
+            for item in [*parsed.calls, *parsed.errors]:
+                yield from self._execute(item)
+
+    def _end(self, finish: str, text: str) -> Iterator[Event]:
+        self._record(EndStep(finish=finish, text=text))
+        turn = self.trajectory.current_turn()
+        logger.info("turn ended: %s", text)
+        yield AnswerEvent(text, list(turn), _made_images(turn), finish)
+
+    def _generate(self, buffer: list[str]) -> Iterator[Event]:
+        """Stream one reply into `buffer`, yielding its visible text."""
+        messages, images = self.render()
+        options: dict[str, Any] = {
+            "max_new_tokens": self.config.max_new_tokens,
+            "do_sample": self.config.do_sample,
+            "temperature": self.config.temperature,
+            "top_p": self.config.top_p,
+            "stop": list(STOP_STRINGS),
+        }
+        if self.native_tools:
+            options["tools"] = openai_tools(self.schemas())
+        if self._grammar is not None and self.tools:
+            first = not any(isinstance(s, AssistantStep) for s in self.trajectory.current_turn())
+            mode = "required" if self.config.tool_choice == "required" and first else "auto"
+            processor = self._grammar.logits_processor(self.schemas(), self.memory.handles, mode=mode)
+            options["logits_processor"] = [processor]
+        visible = CallTextFilter()
+        stream = self.controller.stream(messages, images, **options)
+        try:
+            for delta in stream:
+                buffer.append(delta)
+                shown = visible.push(delta)
+                if shown:
+                    yield TokenEvent(shown)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        tail = visible.flush()
+        if tail:
+            yield TokenEvent(tail)
+
+    def _execute(self, item: ToolCall | str) -> Iterator[Event]:
+        """Run one call (or report one malformed call) and record its result."""
+        if isinstance(item, str):
+            step = ToolStep(name="", content=item, error=True)
+            self._record(step)
+            yield ToolResultEvent(step)
+            return
+        yield ToolCallEvent(item)
+        arguments, problem = self.check_call(item)
+        if arguments is None:
+            step = ToolStep(name=item.name, arguments=item.arguments, content=problem, error=True)
+            self._record(step)
+            yield ToolResultEvent(step)
+            return
+        logger.info("running %s", item.short())
+        output = self.tools[item.name](**arguments)  # bugs raise; bad input comes back as error=True
+        if not hasattr(output, "content"):
+            raise TypeError(f"tool {item.name!r} returned {type(output).__name__}, not a ToolOutput")
+        made = list(getattr(output, "images", None) or [])
+        handles = [self.add_image(im, item.name) for im in made]
+        step = ToolStep(
+            name=item.name,
+            arguments=item.arguments,
+            content=output.content,
+            artifact=jsonable(getattr(output, "artifact", None) or {}),
+            images=handles,
+            error=bool(getattr(output, "error", False)),
+        )
+        self._record(step)
+        paths = [p for p in (self.image_path(h) for h in handles) if p is not None]
+        yield ToolResultEvent(step, made, paths)
+
+    def check_call(self, call: ToolCall) -> tuple[dict[str, Any] | None, str]:
+        """Check a call against its tool's schema and resolve image handles: (arguments, "") or (None, why)."""
+        tool = self.tools.get(call.name)
+        if tool is None:
+            known = ", ".join(self.tools) or "none"
+            return None, f"unknown tool {call.name!r}; tools are: {known}"
+        inputs = tool.inputs
+        props: dict[str, Any] = inputs.get("properties", {})
+        expected = describe_arguments(inputs)
+        unknown = sorted(set(call.arguments) - set(props))
+        if unknown:
+            return None, f"{call.name}: unknown argument(s) {unknown}; arguments are: {expected}"
+        errors = sorted(self._validators[call.name].iter_errors(call.arguments), key=lambda e: list(e.path))
+        if errors:
+            err = errors[0]
+            where = f"argument {'.'.join(map(str, err.path))!r}" if err.path else "arguments"
+            return None, f"{call.name}: {where}: {err.message}; arguments are: {expected}"
+        resolved = dict(call.arguments)
+        for key, prop in props.items():
+            if key in resolved and isinstance(prop, dict) and prop.get("format") == IMAGE_FORMAT:
+                handle = resolved[key]
+                if handle not in self.memory:
+                    return None, (
+                        f"{call.name}: argument {key!r}: unknown image {handle!r}; pass an image handle; "
+                        f"{self.memory.describe_handles()}"
+                    )
+                resolved[key] = self.memory.get(handle)
+        return resolved, ""
+
+
+def describe_arguments(inputs: dict[str, Any]) -> str:
+    """A short list of a schema's arguments with their types, required ones marked."""
+    required = set(inputs.get("required", []))
+    out = []
+    for key, prop in inputs.get("properties", {}).items():
+        kind = "image handle" if prop.get("format") == IMAGE_FORMAT else prop.get("type", "any")
+        if "enum" in prop:
+            kind = "one of " + "/".join(map(str, prop["enum"]))
+        out.append(
+            f"{key} ({'/'.join(kind) if isinstance(kind, list) else kind}{', required' if key in required else ''})"
+        )
+    return ", ".join(out) or "none"
+
+
+def _trailing_failures(turn: list[Step]) -> int:
+    """How many replies in a row, at the end of the turn, made only calls that failed."""
+    count, results = 0, []
+    for step in reversed(turn):
+        if isinstance(step, ToolStep):
+            results.append(step)
+        elif isinstance(step, AssistantStep):
+            if results and all(r.error for r in results):
+                count += 1
+                results = []
+            else:
+                break
+        else:
+            break
+    return count
+
+
+def _made_images(turn: list[Step]) -> list[str]:
+    """Handles of the images tools made in a turn."""
+    return [h for s in turn if isinstance(s, ToolStep) for h in s.images]

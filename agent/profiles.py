@@ -1,0 +1,220 @@
+"""Profiles: YAML files naming the controller and each tool's backend, and how to find and check them.
+
+    controller:            # backend "local" (a toolvlm.vlm model), "openai" (an OpenAI-compatible server),
+                           # or "scripted" (replies: [...], for demos and tests)
+      backend: local
+      model: /path/to/checkpoint   # a folder, a hub id where there is network, or a toolvlm VLMSpec mapping
+      device: cpu
+      dtype: auto
+    tools:                 # tool name -> backend options, as toolvlm.tools.registry.build_tools takes them
+      grounding: {backend: owlv2, model: /path/to/owlv2, device: cpu, dtype: float32}
+    agent:                 # optional: AgentConfig options (max_steps, constrained, ...)
+      max_steps: 6
+
+A profile is given by path, or by name: NAME.yaml is looked for in $TOOLVLM_PROFILES (a path list),
+./profiles, ./examples/profiles and ~/.config/toolvlm/profiles. Without a profile, the default bundle
+(toolvlm.bundle) gives one: its own profile.yaml, or one made from the trained parts it holds. This module
+builds controllers; it leaves building tools to the tools registry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONTROLLER_BACKENDS = ("local", "openai", "scripted")
+BUNDLE_PROFILE = "profile.yaml"  # a profile shipped inside the bundle; relative model paths are bundle parts
+BUNDLE_TOOLS = {"grounding": "detector", "captioner": "captioner", "generator": "generator"}  # tool -> part
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be found or does not make sense; the text says what to change."""
+
+
+@dataclass
+class Profile:
+    """A parsed profile: controller spec, tools spec, agent options, and where it came from."""
+
+    controller: dict[str, Any]
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent: dict[str, Any] = field(default_factory=dict)
+    source: str = "<dict>"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> Profile:
+        """Parse and shape-check a profile mapping."""
+        if not isinstance(data, dict):
+            raise ProfileError(f"profile {source}: expected a mapping with 'controller:' and 'tools:'")
+        unknown = sorted(set(data) - {"controller", "tools", "agent", "description"})
+        if unknown:
+            raise ProfileError(
+                f"profile {source}: unknown key(s) {unknown}; keys are controller, tools, agent"
+            )
+        controller = data.get("controller")
+        if not isinstance(controller, dict):
+            raise ProfileError(
+                f"profile {source}: 'controller:' must be a mapping (backend, model, device, dtype)"
+            )
+        tools = data.get("tools") or {}
+        if not isinstance(tools, dict) or not all(isinstance(v, dict | type(None)) for v in tools.values()):
+            raise ProfileError(f"profile {source}: 'tools:' must map tool names to backend options")
+        agent = data.get("agent") or {}
+        if not isinstance(agent, dict):
+            raise ProfileError(f"profile {source}: 'agent:' must be a mapping of agent options")
+        return cls(dict(controller), {k: dict(v or {}) for k, v in tools.items()}, dict(agent), source)
+
+
+def search_dirs() -> list[Path]:
+    """Folders searched for a profile given by name."""
+    env = [Path(p) for p in os.environ.get("TOOLVLM_PROFILES", "").split(os.pathsep) if p]
+    return [
+        *env,
+        Path("profiles"),
+        Path("examples/profiles"),
+        Path("~/.config/toolvlm/profiles").expanduser(),
+    ]
+
+
+def find_profile(name_or_path: str | Path) -> Path:
+    """The file of a profile given by path or name; raises ProfileError saying where it looked."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml"):
+        raise ProfileError(f"profile file not found: {path}")
+    for folder in search_dirs():
+        for suffix in (".yaml", ".yml"):
+            candidate = folder / f"{name_or_path}{suffix}"
+            if candidate.is_file():
+                return candidate
+    looked = ", ".join(str(d) for d in search_dirs())
+    raise ProfileError(f"no profile named {str(name_or_path)!r} (looked for {name_or_path}.yaml in {looked})")
+
+
+def load_profile(source: str | Path | dict | Profile) -> Profile:
+    """A profile from a path, a name, a mapping or a Profile."""
+    if isinstance(source, Profile):
+        return source
+    if isinstance(source, dict):
+        return Profile.from_dict(source)
+    path = find_profile(source)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ProfileError(f"profile {path}: not valid YAML: {err}") from None
+    return Profile.from_dict(data, str(path))
+
+
+def default_profile() -> Profile:
+    """The profile of the default bundle (toolvlm.bundle): its `profile.yaml` if it ships one, else one made
+    from the trained parts present; raises ProfileError while there is no trained controller."""
+    from toolvlm import bundle
+
+    folder = bundle.bundle_dir()
+    shipped = folder / BUNDLE_PROFILE
+    if shipped.is_file():
+        return _resolve_models(load_profile(shipped), folder)
+    if not bundle.has("controller"):
+        raise ProfileError(
+            f"the default bundle is not built in this version of toolvlm (no trained controller in {folder}), so "
+            "there is no default profile: pass one (--profile PATH.yaml, or Assistant.from_profile(...)); "
+            "examples are in examples/profiles/"
+        )
+    tools: dict[str, dict[str, Any]] = {}
+    for tool, part in BUNDLE_TOOLS.items():
+        if bundle.has(part):
+            tools[tool] = {"backend": "inhouse", "model": str(bundle.part(part))}
+    if "grounding" in tools:
+        tools["counter"] = {}  # counts with the grounding tool's detector
+    tools["draw_boxes"] = {}
+    controller = {"backend": "local", "model": str(bundle.part("controller"))}
+    return Profile(controller, tools, {}, source=f"default bundle ({folder})")
+
+
+def _resolve_models(profile: Profile, folder: Path) -> Profile:
+    """A profile whose relative `model:` paths are taken relative to `folder`."""
+
+    def resolve(spec: dict[str, Any]) -> dict[str, Any]:
+        model = spec.get("model")
+        if (
+            isinstance(model, str)
+            and not Path(model).expanduser().is_absolute()
+            and (folder / model).exists()
+        ):
+            return {**spec, "model": str(folder / model)}
+        return spec
+
+    tools = {name: resolve(options) for name, options in profile.tools.items()}
+    return Profile(resolve(profile.controller), tools, profile.agent, profile.source)
+
+
+def build_controller(spec: dict[str, Any]) -> Any:
+    """A controller from the `controller:` mapping of a profile."""
+    spec = dict(spec)
+    backend = spec.pop("backend", "local")
+    if backend == "local":
+        from .controllers import LocalVLMController
+
+        if "model" not in spec:
+            raise ProfileError("controller backend 'local' needs 'model:' (a folder, hub id or VLM spec)")
+        unknown = sorted(set(spec) - {"model", "device", "dtype"})
+        if unknown:
+            raise ProfileError(
+                f"controller backend 'local': unknown option(s) {unknown}; options are model, device, dtype"
+            )
+        return LocalVLMController.load(
+            spec["model"], device=spec.get("device", "cpu"), dtype=spec.get("dtype", "auto")
+        )
+    if backend == "openai":
+        from .openai_controller import OpenAIController
+
+        if "base_url" not in spec or "model" not in spec:
+            raise ProfileError("controller backend 'openai' needs 'base_url:' and 'model:'")
+        try:
+            return OpenAIController(**spec)
+        except TypeError as err:
+            raise ProfileError(f"controller backend 'openai': {err}") from None
+    if backend == "scripted":
+        from .controllers import ScriptedController
+
+        replies = spec.pop("replies", None)
+        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+            raise ProfileError("controller backend 'scripted' needs 'replies:', a list of reply strings")
+        return ScriptedController(replies, **spec)
+    raise ProfileError(
+        f"unknown controller backend {backend!r}; backends are: {', '.join(CONTROLLER_BACKENDS)}"
+    )
+
+
+def tool_backends(name: str) -> list[str] | None:
+    """The backend names a tool accepts (None when it takes no backend option)."""
+    from toolvlm.tools import registry
+
+    listed = registry.backends(name)
+    return None if listed is None else list(listed)
+
+
+def check_profile(profile: Profile) -> list[str]:
+    """Problems of a profile that can be seen without loading weights (unknown backends or tools)."""
+    from toolvlm.tools import registry
+
+    problems = []
+    backend = profile.controller.get("backend", "local")
+    if backend not in CONTROLLER_BACKENDS:
+        problems.append(
+            f"unknown controller backend {backend!r}; backends are: {', '.join(CONTROLLER_BACKENDS)}"
+        )
+    known_tools = registry.names()
+    for name, options in profile.tools.items():
+        if name not in known_tools:
+            problems.append(f"unknown tool {name!r}; tools are: {', '.join(known_tools)}")
+            continue
+        backends = tool_backends(name)
+        chosen = options.get("backend")
+        if chosen is not None and backends is not None and chosen not in backends:
+            problems.append(f"tool {name!r}: unknown backend {chosen!r}; backends are: {', '.join(backends)}")
+    return problems

@@ -1,0 +1,92 @@
+"""Profiles: the shipped examples parse and name existing backends; bad profiles fail with clear messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolvlm.agent.assistant import Assistant
+from toolvlm.agent.openai_controller import OpenAIController
+from toolvlm.agent.profiles import (
+    ProfileError,
+    build_controller,
+    check_profile,
+    default_profile,
+    find_profile,
+    load_profile,
+)
+from toolvlm.tools.registry import build_tools
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "profiles").glob("*.yaml"))
+
+
+def test_examples_exist():
+    names = {p.stem for p in EXAMPLES}
+    assert {"llava15-owlv2-blip-sdturbo", "qwen2vl-native-tools", "openai-endpoint"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_profile_parses_and_names_existing_backends(path):
+    profile = load_profile(path)
+    assert check_profile(profile) == []
+    assert profile.tools, "an example profile configures tools"
+    tools = build_tools(profile.tools)  # constructors only: weights load on first use
+    assert sorted(tools) == sorted(profile.tools)
+    if profile.controller["backend"] == "local":
+        assert isinstance(profile.controller["model"], str) and profile.controller["model"]
+    else:
+        assert isinstance(build_controller(profile.controller), OpenAIController)
+
+
+def test_qwen_profile_uses_native_tool_calling():
+    profile = load_profile(next(p for p in EXAMPLES if p.stem == "qwen2vl-native-tools"))
+    assert profile.agent["native_tools"] is True and "Qwen2-VL" in profile.controller["model"]
+
+
+def test_profile_problems_are_named(tmp_path):
+    bad = load_profile(
+        {"controller": {"backend": "telepathy"}, "tools": {"grounding": {"backend": "yolo"}, "oracle": {}}}
+    )
+    problems = check_profile(bad)
+    assert any("unknown controller backend 'telepathy'" in p for p in problems)
+    assert any(
+        "tool 'grounding': unknown backend 'yolo'; backends are:" in p and "owlv2" in p for p in problems
+    )
+    assert any("unknown tool 'oracle'" in p for p in problems)
+    with pytest.raises(ProfileError, match="unknown controller backend 'telepathy'"):
+        build_controller(bad.controller)
+    with pytest.raises(ProfileError, match="unknown key"):
+        load_profile({"controller": {}, "tool": {}})
+    with pytest.raises(ProfileError, match="no profile named 'nowhere'"):
+        find_profile("nowhere")
+
+
+def test_profile_by_name_and_default_bundle(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("controller: {backend: scripted, replies: [hello]}\ntools: {}\n")
+    monkeypatch.setenv("TOOLVLM_PROFILES", str(tmp_path))
+    bot = Assistant.from_profile("mine", max_steps=2)
+    assert bot.agent.config.max_steps == 2
+    assert bot.chat("hi").text == "hello"
+    with pytest.raises(ValueError, match="unknown agent option"):
+        Assistant.from_profile("mine", max_stepz=2)
+
+
+def test_default_profile_from_the_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))
+    with pytest.raises(ProfileError, match="default bundle is not built"):
+        default_profile()
+    for part in ("controller", "detector", "captioner"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "model.safetensors").write_bytes(b"")
+    made = default_profile()
+    assert made.controller == {"backend": "local", "model": str(tmp_path / "controller")}
+    assert made.tools["grounding"] == {"backend": "inhouse", "model": str(tmp_path / "detector")}
+    assert made.tools["counter"] == {} and "generator" not in made.tools and "draw_boxes" in made.tools
+    assert check_profile(made) == []
+    (tmp_path / "profile.yaml").write_text(
+        "controller: {backend: local, model: controller}\ntools: {grounding: {backend: inhouse, model: detector}}\n"
+    )
+    shipped = default_profile()
+    assert shipped.controller["model"] == str(tmp_path / "controller")
+    assert shipped.tools["grounding"]["model"] == str(tmp_path / "detector")
