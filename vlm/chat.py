@@ -180,7 +180,6 @@ class TemplateRenderer:
             raise ValueError(f"image token {image_token!r} must be a single token, it encodes to {ids}")
         self.image_token_id = ids[0]
         self.image_seq_len = image_seq_len
-        self.end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def render(
         self,

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcessorList
 
 from . import architecture  # noqa: F401  (registers the toolvlm_llava model type with transformers)
-from .chat import ChatMLRenderer, RenderedChat, TemplateRenderer, collect_images
+from .chat import ChatMLRenderer, RenderedChat, TemplateRenderer
 from .config import VLMSpec, resolve_dtype
 from .engine import LlavaEngine, SamplingConfig
 from .generic import load_processor
@@ -290,8 +290,3 @@ def _image_text_types() -> set[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     return set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-
-
-def check_images(messages: Sequence[dict[str, Any]], images: Sequence[ImageLike] | None) -> list[Image.Image]:
-    """Validate and load the images of a conversation (clear errors for missing, corrupt or surplus images)."""
-    return collect_images(messages, images)
