@@ -68,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if module is None:
         print(f"toolvlm {args.command}: not built yet in this version", file=sys.stderr)
         return 2
-    return int(module.run(args, args.command) or 0)
+    try:
+        return int(module.run(args, args.command) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`)
+        sys.stdout = None  # nothing more can be written; silence the interpreter's flush at exit
+        return 0
 
 
 if __name__ == "__main__":
