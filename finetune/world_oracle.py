@@ -1,0 +1,203 @@
+"""Oracle tools for world scenes: the real tool classes with their models replaced by the scenes' annotations.
+
+`WorldOracle` remembers which world scene each image shows (by a hash of its pixels). Its detector answers a
+phrase with the exact boxes of the objects the phrase names, and its image backend draws a "similar image" by
+rendering the edited layout with the world renderer, registering the new scene so that a later count on the
+generated image is exact too. Because the tools are `GroundingTool`, `CounterTool` and `GeneratorTool`
+themselves, their texts, drawn images and artifacts are exactly what the real tools give the controller: the
+data builders and the controller evaluation need no tool weights.
+
+It knows world scenes and the tool classes; not conversations, models or training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+
+from PIL import Image
+
+from toolvlm.finetune.world import Object, Scene, referring_expressions, render_scene
+from toolvlm.finetune.world_scene import CATEGORIES, DEFAULT_COLOUR, PALETTES
+from toolvlm.finetune.world_text import describe, plural
+from toolvlm.tools.base import Tool
+from toolvlm.tools.counter import CounterTool
+from toolvlm.tools.detectors import Detection, Detector
+from toolvlm.tools.generator import GeneratorTool
+from toolvlm.tools.grounding import GroundingTool
+from toolvlm.tools.image_backends import ImageBackend
+from toolvlm.tools.layout import Layout
+from toolvlm.vlm.images import image_key
+
+logger = logging.getLogger(__name__)
+
+ORACLE_SCORE = 0.99
+_ARTICLE = re.compile(r"^(the|a|an)\s+")
+_PLURALS = {plural(c): c for c in CATEGORIES}
+
+
+def normalize_phrase(phrase: str) -> str:
+    """Lower case, single spaces, no leading article or trailing full stop: 'The Tree.' -> 'tree'."""
+    text = " ".join(phrase.lower().strip().rstrip(".").split())
+    return _ARTICLE.sub("", text)
+
+
+def category_of(phrase: str) -> str | None:
+    """The world category a phrase names ('people' -> 'person', 'the red car' -> 'car'), or None."""
+    words = normalize_phrase(phrase).split()
+    for word in words:
+        if word in CATEGORIES:
+            return word
+        if word in _PLURALS:
+            return _PLURALS[word]
+    return None
+
+
+def phrase_targets(scene: Scene, phrase: str) -> list[int]:
+    """Indices of the objects a phrase names: a category, a coloured category, or a referring expression."""
+    text = normalize_phrase(phrase)
+    for expr in referring_expressions(scene):
+        if normalize_phrase(expr["text"]) == text:
+            return [expr["target"]]
+    out = []
+    for i, obj in enumerate(scene.objects):
+        names = {obj.category, plural(obj.category)}
+        if obj.color:
+            names |= {describe(obj.category, obj.color), describe(obj.category, obj.color, 2)}
+        if text in names:
+            out.append(i)
+    return out
+
+
+class WorldOracle:
+    """Scenes by image content, with the detector and image backend that answer from them."""
+
+    def __init__(self) -> None:
+        self.scenes: dict[str, Scene] = {}
+        self.last_scene: Scene | None = (
+            None  # the scene the detector last looked at (a generator's reference)
+        )
+
+    def register(self, image: Image.Image, scene: Scene) -> None:
+        """Remember that `image` shows `scene`."""
+        self.scenes[image_key(image)] = scene
+
+    def scene_of(self, image: Image.Image) -> Scene | None:
+        """The scene `image` shows, or None for an image the oracle has not seen."""
+        return self.scenes.get(image_key(image.convert("RGB")))
+
+    def render(self, scene: Scene) -> Image.Image:
+        """Render a scene and remember it."""
+        image = render_scene(scene)
+        self.register(image, scene)
+        return image
+
+    def tools(self) -> dict[str, Tool]:
+        """Grounding, counter and generator tools answering from the scenes (names as the real tools)."""
+        grounding = GroundingTool(backend="inhouse")
+        grounding.detector = OracleDetector(self)
+        counter = CounterTool(backend="inhouse", grounding=grounding)
+        generator = GeneratorTool(backend="inhouse", grounding=grounding)
+        generator.backend = OracleBackend(self)
+        return {t.name: t for t in (grounding, counter, generator)}
+
+
+class OracleDetector(Detector):
+    """Exact boxes from the scene of the image; no weights."""
+
+    backend = "world_oracle"
+
+    def __init__(self, oracle: WorldOracle) -> None:
+        super().__init__()
+        self.oracle = oracle
+        self.model = self  # nothing to load
+
+    def load(self, tool: str = "grounding") -> None:
+        """Nothing to load."""
+
+    def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
+        """The boxes of the objects each phrase names (none for an unknown image)."""
+        scene = self.oracle.scene_of(image)
+        if scene is None:
+            logger.warning("oracle detector: an image of no known world scene; no boxes")
+            return []
+        self.oracle.last_scene = scene
+        return [
+            Detection([float(v) for v in scene.objects[i].box], ORACLE_SCORE, phrase)
+            for phrase in phrases
+            for i in phrase_targets(scene, phrase)
+        ]
+
+
+class OracleBackend(ImageBackend):
+    """Renders a layout with the world renderer, keeping the reference scene's other objects."""
+
+    backend = "world_oracle"
+    supports_layout = True
+    size_multiple = 1
+
+    def __init__(self, oracle: WorldOracle) -> None:
+        super().__init__()
+        self.oracle = oracle
+        self.pipe = self
+        self.reference: Scene | None = None
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def default_size(self) -> tuple[int, int]:
+        """The size of the world's canvas."""
+        return 224, 224
+
+    def canonical(self, label: str) -> str:
+        """The category a phrase names (unchanged when it names none)."""
+        return category_of(label) or label
+
+    def text(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:
+        """Text-to-image is not modelled by the oracle: an empty meadow."""
+        return self.oracle.render(Scene(width=width, height=height, family="oracle", seed=seed))
+
+    def layout(self, prompt: str | None, layout: Layout, seed: int, steps: int) -> Image.Image:
+        """The layout's objects drawn into the most recent reference scene (or an empty park)."""
+        base = self._last_reference(layout)
+        rng = random.Random(seed)
+        labels = set(layout.labels)
+        sx, sy = layout.width / base.width, layout.height / base.height
+        kept = [
+            Object(o.category, _scaled(o.box, sx, sy), o.color, o.pose, o.place, o.facing)
+            for o in base.objects
+            if o.category not in labels
+        ]
+        originals = {c: [o for o in base.objects if o.category == c] for c in labels}
+        for box, label in zip(layout.boxes, layout.labels, strict=True):
+            if label not in CATEGORIES:
+                continue
+            pool = originals.get(label) or []
+            template = pool.pop(0) if pool else None
+            color = template.color if template else _colour(label, rng)
+            pose = template.pose if template else ("standing" if label in ("person", "dog") else None)
+            place = (
+                template.place
+                if template
+                else ("in the sky" if label in ("sun", "cloud") else "on the grass")
+            )
+            kept.append(
+                Object(label, [round(v) for v in box], color, pose, place, rng.choice(("left", "right")))
+            )
+        scene = Scene(
+            layout.width, layout.height, base.background, round(base.horizon * sy), kept, "oracle", seed
+        )
+        return self.oracle.render(scene)
+
+    def _last_reference(self, layout: Layout) -> Scene:
+        return self.oracle.last_scene or Scene(layout.width, layout.height)
+
+
+def _scaled(box: list[int], sx: float, sy: float) -> list[int]:
+    return [round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)]
+
+
+def _colour(category: str, rng: random.Random) -> str | None:
+    palette = PALETTES.get(category)
+    return rng.choice(palette) if palette else DEFAULT_COLOUR.get(category)

@@ -1,0 +1,84 @@
+"""`eval_controller`: scripted controllers score SR 1.0 when perfect and lower when wrong; the scorers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
+
+from toolvlm.agent.controllers import ScriptedController
+from toolvlm.finetune.eval_controller import (
+    answer_boxes,
+    answer_number,
+    box_match_rate,
+    evaluate_controller,
+    f1,
+    mentioned_categories,
+    plan_eval,
+    same_phrase,
+)
+
+N = 16
+
+
+def _perfect(n: int = N) -> ScriptedController:
+    return ScriptedController([r for _, turn in plan_eval(n) for r in turn.replies])
+
+
+def test_perfect_scripted_controller_scores_one():
+    report = evaluate_controller(_perfect(), n=N)
+    for key in ("SR_act", "SR_args", "SR", "describe_f1", "grounding_iou50", "count_exact", "vqa_accuracy",
+                "generate_ok"):  # fmt: skip
+        assert report[key] == 1.0, (key, [t for t in report["turns"] if not t["success"]])
+    assert set(report["by_task"]) == {
+        "describe",
+        "caption",
+        "vqa",
+        "ground",
+        "refer",
+        "ground_all",
+        "count",
+        "generate",
+    }
+    assert any("oracle" in note for note in report["notes"])
+    json.dumps(report)  # serialisable for --json
+
+
+def test_wrong_replies_score_lower():
+    silent = evaluate_controller(ScriptedController([lambda m, i: "I am not sure."] * 100), n=N)
+    assert silent["SR_act"] < 1.0 and silent["SR_args"] == 0.0 and silent["SR"] < 0.5
+    swapped = [
+        r.replace('"name": "counter"', '"name": "grounding"') if isinstance(r, str) else r
+        for _, turn in plan_eval(N)
+        for r in turn.replies
+    ]
+    report = evaluate_controller(ScriptedController(swapped + ["I am not sure."] * 50), n=N)
+    assert report["SR_act"] < 1.0 and report["by_task"]["count"]["SR_act"] == 0.0
+    assert report["by_task"]["describe"]["SR"] == 1.0
+
+
+def test_scorers():
+    assert answer_number("There are 12 people (img_3).") == 12
+    assert answer_number("I see three dogs.") == 3 and answer_number("There are no dogs.") == 0
+    assert answer_boxes("at [1, 2, 30.5, 40] and [5,6,7,8]") == [[1, 2, 30.5, 40], [5, 6, 7, 8]]
+    assert box_match_rate([[0, 0, 10, 10]], [[1, 1, 10, 10], [50, 50, 60, 60]]) == 0.5
+    assert same_phrase("people", "person") and same_phrase("The red car", "red car")
+    assert not same_phrase("the dog", "the red dog")
+    assert mentioned_categories("Two people and a sunny sky; trees.") == {"person", "sun", "tree"}
+    assert f1({"a", "b"}, {"a"}) == pytest.approx(2 / 3)
+
+
+def test_eval_cli_runs_a_saved_tiny_controller(tmp_path, tiny_lm_dir, capsys):  # noqa: F811
+    from toolvlm.finetune import eval_controller
+    from toolvlm.vlm import build_vlm
+
+    build_vlm(tiny_spec(tiny_lm_dir, pooling=2), dtype="float32").save(tmp_path / "ctrl")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    eval_controller.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "ctrl"), "--n", "2", "--json", "--dtype", "float32"])
+    assert eval_controller.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 2 and 0.0 <= report["SR_act"] <= 1.0

@@ -1,0 +1,205 @@
+"""The trainer on a tiny VLM: packing without cross-attention, what each stage trains, resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_finetune import world_jsonl, write_recipe  # noqa: F401
+from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
+
+from toolvlm.finetune.data import ConversationDataset, read_jsonl
+from toolvlm.finetune.packing import PackedForward, VisionFeatureCache, collate_packed, pack_groups
+from toolvlm.finetune.train_config import load_train_config
+from toolvlm.finetune.trainer import Trainer, latest_checkpoint
+from toolvlm.vlm import build_vlm, load_vlm
+from toolvlm.vlm.images import load_image
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_lm_dir):  # noqa: F811
+    return build_vlm(tiny_spec(tiny_lm_dir, pooling=2), dtype="float32")
+
+
+def test_packing_fits_budget_and_keeps_every_example():
+    lengths = [30, 50, 20, 70, 10, 90, 40]
+    groups = pack_groups(lengths, 100, seed=0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 100 for g in groups)
+    assert len(groups) < len(lengths)
+    assert pack_groups(lengths, 100, seed=0, packing=False) == [
+        [i] for g in pack_groups(lengths, 100, 0, False) for i in g
+    ]
+
+
+def test_packed_logits_equal_each_example_alone(vlm, world_jsonl):  # noqa: F811
+    dataset = ConversationDataset(read_jsonl(world_jsonl)[:3], vlm)
+    items = [dataset[i] for i in range(3)]
+    forward = PackedForward(vlm.model).eval()
+    cache = VisionFeatureCache(vlm)
+    packed = collate_packed(items)
+    assert packed.position_ids[0].tolist() == [p for it in items for p in range(len(it))]
+    with torch.no_grad():
+        together = forward.logits(
+            packed.input_ids, packed.position_ids, cache.get(packed.images, packed.image_keys)
+        )
+        offset = 0
+        for item in items:
+            alone = collate_packed([item])
+            logits = forward.logits(
+                alone.input_ids, alone.position_ids, cache.get(alone.images, alone.image_keys)
+            )
+            torch.testing.assert_close(together[:, offset : offset + len(item)], logits, atol=1e-4, rtol=1e-4)
+            offset += len(item)
+        # control: with positions running on, attention crosses examples and the later ones change
+        crossing = forward.logits(
+            packed.input_ids, torch.arange(packed.n_tokens)[None], cache.get(packed.images, packed.image_keys)
+        )
+        assert (crossing[:, len(items[0]) :] - together[:, len(items[0]) :]).abs().max() > 1e-2
+        # and the packed path equals transformers' own forward of the example
+        item = items[0]
+        reference = vlm.model(
+            input_ids=torch.tensor([item.input_ids]),
+            pixel_values=vlm.pixel_values([load_image(p) for p in item.images]),
+        ).logits
+        torch.testing.assert_close(together[:, : len(item)], reference, atol=1e-4, rtol=1e-4)
+    assert cache.hits >= len(packed.images)  # each image was encoded once
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(before: dict, model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())}
+
+
+def test_stage1_trains_only_the_projector(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=1, max_steps=2)
+    trainer = Trainer(load_train_config(recipe))
+    trainer.setup()
+    before = _snapshot(trainer.vlm.model)
+    result = trainer.train()
+    changed = _changed(before, trainer.vlm.model)
+    assert changed and all("multi_modal_projector" in n for n in changed)
+    assert result.steps == 2 and len(result.losses) == 2
+    saved = load_vlm(tmp_path / "out" / "model", dtype="float32")
+    proj = saved.model.model.multi_modal_projector.linear_1.weight
+    torch.testing.assert_close(proj, trainer.vlm.model.model.multi_modal_projector.linear_1.weight)
+
+
+def test_stage2_trains_lora_and_projector_only(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, export_merged=True)
+    trainer = Trainer(load_train_config(recipe, ["lora.r=4", "lora.dropout=0.0"]))
+    trainer.setup()
+    before = _snapshot(trainer.vlm.model)
+    trainable = {n for n, p in trainer.vlm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    trainer.train()
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "config.json").is_file()
+    adapter = load_vlm(out / "adapter", dtype="float32")
+    lora_b = [p for n, p in adapter.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
+    merged = load_vlm(out / "merged", dtype="float32")
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapter.model(input_ids=ids).logits, merged.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+    base = load_vlm(out / "base", dtype="float32")
+    for name, param in base.model.named_parameters():
+        if "multi_modal_projector" not in name:
+            torch.testing.assert_close(param, before_base_param(before, name))
+
+
+def before_base_param(before: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The pre-training value of a base parameter under its peft name."""
+    for key, value in before.items():
+        if key.endswith(name) or key.replace(".base_layer", "").endswith(name):
+            return value
+    raise KeyError(name)
+
+
+def test_checkpoint_and_resume_continue_the_step_count_and_the_loss(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    first = tmp_path / "a"
+    first.mkdir()
+    recipe = write_recipe(
+        first, tiny_lm_dir, world_jsonl, stage=2, max_steps=4, save_every=2, pack_tokens=600
+    )
+    straight = Trainer(load_train_config(recipe, ["resume=no"])).train()
+    assert latest_checkpoint(first / "out").name == "step_0000002"
+    second = tmp_path / "b"
+    shutil.copytree(first / "out" / "checkpoints", second / "out" / "checkpoints")
+    shutil.copytree(first / "out" / "base", second / "out" / "base")
+    resumed_trainer = Trainer(
+        load_train_config(
+            recipe,
+            [f"output_dir={second / 'out'}", f"model.base={second / 'out' / 'base'}", "model.spec=null"],
+        )
+    )
+    resumed = resumed_trainer.train()
+    assert resumed.steps == 4
+    log = [json.loads(line) for line in (second / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 4]  # it continued at step 3
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(straight.losses), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    plain = Trainer(load_train_config(recipe, ["resume=no"])).train()
+    recomputed = Trainer(load_train_config(recipe, ["resume=no", "gradient_checkpointing=true"])).train()
+    torch.testing.assert_close(
+        torch.tensor(recomputed.losses), torch.tensor(plain.losses), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_qlora_option_trains_on_a_4bit_base(tmp_path, world_jsonl):  # noqa: F811
+    from fixtures_vlm import save_tiny_lm
+
+    lm = save_tiny_lm(tmp_path / "lm", hidden=64)  # 4-bit blocks need rows of 64
+    build_vlm(tiny_spec(lm, pooling=2), dtype="float32").save(tmp_path / "base")
+    recipe = write_recipe(tmp_path, lm, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    overrides = ["lora.qlora=true", "lora.r=4", "model.spec=null", f"model.base={tmp_path / 'base'}"]
+    trainer = Trainer(load_train_config(recipe, overrides))
+    result = trainer.train()
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert getattr(trainer.vlm.model, "is_loaded_in_4bit", False) or any(
+        "4bit" in type(m).__name__ for m in trainer.vlm.model.modules()
+    )
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_process_accelerate_run(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    # two CPU processes (gloo): accelerate's launcher starts them; ACCELERATE_USE_CPU makes the state MULTI_CPU
+    # (in accelerate 1.15 `--cpu` alone starts a single process)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", "29533", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "toolvlm", "finetune", str(recipe)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    assert (Path(summary["output"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((Path(summary["output"]) / "result.json").read_text())["processes"] == 2
+
+
+def test_cli_prints_resolved_config_and_refuses_unknown_keys(tmp_path, tiny_lm_dir, world_jsonl, capsys):  # noqa: F811
+    from toolvlm.cli import main
+
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl)
+    assert main(["finetune", str(recipe), "lora.r=4", "max_steps=7", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed and "r: 4" in printed
+    assert main(["finetune", str(recipe), "lora.rank=4"]) == 2
+    assert "unknown keys ['rank']" in capsys.readouterr().err

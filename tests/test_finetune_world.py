@@ -1,0 +1,127 @@
+"""World and COCO data builders: held-out phrasings kept apart, tool results equal to the annotations."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+from PIL import Image
+
+from toolvlm.finetune.build_coco import build_coco_dataset
+from toolvlm.finetune.build_world import TEMPLATES, WorldDataConfig, build_world_dataset, world_example
+from toolvlm.finetune.data import read_jsonl, system_prompt
+from toolvlm.finetune.world_oracle import WorldOracle
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.sub(r"\\\{[a-z]\\\}", ".+", re.escape(template)) + "$")
+
+
+def _user_texts(example) -> list[str]:
+    out = []
+    for m in example.messages:
+        if m["role"] == "user":
+            parts = (
+                m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            )
+            out.append("".join(p.get("text", "") for p in parts if p["type"] == "text").split("\n")[-1])
+    return out
+
+
+def test_heldout_phrasings_are_disjoint_and_never_used_for_training():
+    for kind, sets in TEMPLATES.items():
+        assert not set(sets["train"]) & set(sets["heldout"]), kind
+        assert sets["heldout"], f"{kind} has no held-out phrasings"
+    heldout = [_pattern(t) for sets in TEMPLATES.values() for t in sets["heldout"]]
+    train = [_pattern(t) for sets in TEMPLATES.values() for t in sets["train"]]
+    for phrasing, own, other in (("train", train, heldout), ("heldout", heldout, train)):
+        config = WorldDataConfig(phrasing=phrasing)
+        for i in range(30):
+            for text in _user_texts(world_example(i, config)):
+                assert any(p.match(text) for p in own), text
+                assert not any(p.match(text) for p in other), text
+
+
+def _tool_text(message) -> str:
+    return "".join(p.get("text", "") for p in message["content"] if p["type"] == "text")
+
+
+def test_tool_results_match_the_annotations():
+    config = WorldDataConfig(task_weights={"ground": 1, "refer": 1, "count": 1, "generate": 1})
+    seen = set()
+    for i in range(25):
+        example = world_example(i, config)
+        tools = [m for m in example.messages if m["role"] == "tool"]
+        tasks = [t["task"] for t in example.meta["turns"]]
+        seen.update(tasks)
+        texts = iter(_tool_text(m) for m in tools)
+        for turn in example.meta["turns"]:
+            truth = turn["truth"]
+            if turn["task"] in ("ground", "refer"):
+                boxes = re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", next(texts))
+                assert [[int(v) for v in b] for b in boxes] == truth["boxes"]
+            elif turn["task"] == "count":
+                assert f"about {truth['count']} instance(s)" in next(texts)
+            elif turn["task"] == "generate":
+                assert f"about {truth['count']} instance(s)" in next(texts)
+                assert f"{truth['phrase']} {truth['count']} -> {truth['target']}" in next(texts)
+                assert f"about {truth['target']} instance(s)" in next(texts)
+        assert all(not m.get("error") for m in tools)
+        assert not any("unknown" in _tool_text(m) for m in tools)
+    assert seen == {"ground", "refer", "count", "generate"}
+
+
+def test_world_dataset_on_disk_renders_the_agents_system_prompt(tmp_path):
+    path = build_world_dataset(tmp_path, WorldDataConfig(n_scenes=4))
+    examples = read_jsonl(path)
+    assert len(examples) == 4
+    from toolvlm.agent.loop import Agent
+
+    agent = Agent(None, WorldOracle().tools())
+    assert examples[0].messages[0]["content"] == system_prompt() == agent.system_prompt()
+    for ex in examples:
+        images = ex.load_images()
+        assert images[0].size == (224, 224)
+        assert all(p.parent.name == "images" for p in ex.images)
+
+
+def test_coco_annotations_become_grounding_and_counting_conversations(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 80, "height": 60},
+                   {"id": 2, "file_name": "b.jpg", "width": 80, "height": 60}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 5, 10, 20], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 5, 12, 22], "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [50, 30, 20, 15], "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 1},
+            {"id": 5, "image_id": 2, "category_id": 2, "bbox": [5, 6, 30, 20], "iscrowd": 0},
+        ],
+    }  # fmt: skip
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    path = build_coco_dataset(tmp_path / "instances.json", tmp_path / "imgs", tmp_path / "out")
+    examples = {ex.id: ex for ex in read_jsonl(path)}
+    assert set(examples) == {"coco-a", "coco-b"}
+    a, b = examples["coco-a"], examples["coco-b"]
+    assert a.images[0].resolve() == (tmp_path / "imgs" / "a.jpg").resolve()  # the user's image stays put
+    for ex in (a, b):
+        texts = [_tool_text(m) for m in ex.messages if m["role"] == "tool"]
+        for turn in ex.meta["turns"]:
+            truth = turn["truth"]
+            if turn["task"] == "count":
+                assert any(f"about {truth['count']} instance(s) of '{truth['phrase']}'" in t for t in texts)
+            else:
+                boxes = [[round(v) for v in box] for box in truth["boxes"]]
+                assert any(
+                    all(str(box).replace(" ", "") in t.replace(" ", "") for box in boxes) for t in texts
+                )
+    # the crowd-annotated category of b is neither counted nor boxed
+    assert all(t["truth"]["phrase"] == "dog" for t in b.meta["turns"])
+    assert {"boxes": [[50, 30, 70, 45]], "phrase": "dog"} in [t["truth"] for t in a.meta["turns"]] or any(
+        t["truth"]["phrase"] == "person" for t in a.meta["turns"]
+    )
