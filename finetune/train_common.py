@@ -1,0 +1,185 @@
+"""The training loop shared by the world-model stages: optimiser, schedule, bf16 autocast, checkpoints, resume.
+
+A stage (train_encoder, train_detector, train_captioner, train_generator) is an object with `model` (the
+torch module to optimise), `batch(step)` (the batch of a step, a pure function of the step so that a resumed
+run sees the same data), `loss(batch) -> (loss, {name: float})` and `export(folder)` (fp16 weights in the
+format its tools backend loads). This module knows nothing of what a stage trains.
+
+A run folder holds `recipe.yaml` (the resolved config), `checkpoint.pt` (model, optimiser, step; written
+atomically every `save_every` steps and at the end), `log.jsonl` (one line per `log_every` steps) and, at the
+end, `export/`. Starting a run whose folder has a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from toolvlm.recipes import save_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+EXPORT = "export"
+
+
+@dataclass
+class TrainConfig:
+    """Options every stage shares; stages subclass it with their model and data options."""
+
+    run_dir: str = "runs/stage"
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True
+    threads: int = 2
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    export_at_end: bool = True
+
+
+class Stage(Protocol):
+    """What the loop needs from a stage."""
+
+    model: torch.nn.Module
+
+    def batch(self, step: int) -> Any:
+        """The batch of a training step (deterministic in the step)."""
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimise and figures to log."""
+
+    def export(self, folder: Path) -> None:
+        """Write the trained model in its tools-backend format."""
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_for(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and scalars."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim < 2 or "embed" in name or "norm" in name
+        (no_decay if flat else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write model + optimiser + step atomically (a temp file renamed over the old one)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def train(stage: Stage, config: TrainConfig) -> Path:
+    """Run (or resume) a stage to config.steps; returns the run folder."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    run = Path(config.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(config, run / "recipe.yaml")
+    model = stage.model
+    optimizer = optimizer_for(model, config)
+    start = 0
+    checkpoint = run / CHECKPOINT
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        log.info("resumed %s at step %d", run, start)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("training %s: %.2fM parameters, steps %d -> %d", run, n_params / 1e6, start, config.steps)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    model.train()
+    smooth: dict[str, float] = {}
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=run.name, mininterval=10)
+    t0 = time.time()
+    with (run / "log.jsonl").open("a") as log_file:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            batch = stage.batch(step)
+            with autocast:
+                loss, figures = stage.loss(batch)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            figures = {"loss": float(loss.detach()), **figures}
+            for k, v in figures.items():
+                smooth[k] = v if k not in smooth else 0.95 * smooth[k] + 0.05 * v
+            bar.set_postfix({k: f"{v:.3g}" for k, v in smooth.items()}, refresh=False)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                elapsed = time.time() - t0
+                record = {"step": done, "lr": lr_at(step, config), "s_per_step": elapsed / (done - start)}
+                record.update({k: round(v, 5) for k, v in smooth.items()})
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                log.info(
+                    "step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+                )
+            if done % config.save_every == 0 or done == config.steps:
+                save_checkpoint(checkpoint, model, optimizer, done)
+    if config.export_at_end:
+        export(stage, run)
+    return run
+
+
+def export(stage: Stage, run: Path) -> Path:
+    """Write the stage's export folder (weights in fp16 plus the recipe) under the run."""
+    folder = run / EXPORT
+    stage.model.eval()
+    stage.export(folder)
+    if (run / "recipe.yaml").is_file():
+        (folder / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
+    log.info("exported %s", folder)
+    return folder
+
+
+def load_checkpoint_into(model: torch.nn.Module, run: Path) -> int:
+    """Load a run's checkpoint weights into a model; returns the step (0 when there is none)."""
+    checkpoint = Path(run) / CHECKPOINT
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
+def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float16 copy of a module for saving (the trained one stays float32)."""
+    import copy
+
+    return copy.deepcopy(module).to(torch.float16)

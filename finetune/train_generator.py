@@ -1,0 +1,88 @@
+"""Stage 4: the default generator, tools/layout_diffusion.py's `LayoutDiffusion` trained on world images + layouts.
+
+A pixel-space diffusers UNet2DModel predicts the noise of world images resized to `image_size` (64 px first),
+given the rasterised layout of the scene's boxes and categories (one channel per world category plus the
+instance-centre map, see layout_diffusion.py). The loss is `LayoutDiffusion.training_loss` (noise MSE at a
+random DDPM timestep, seeded per step so that a resumed run draws the same noise). Export: `unet/` (fp16),
+`scheduler/` and `layout.json`, the format of the tools' `inhouse` generator backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy
+from toolvlm.finetune.world import CATEGORIES
+from toolvlm.finetune.world_data import WorldScenes, layout_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratorConfig(TrainConfig):
+    """Layout-conditioned pixel diffusion sizes."""
+
+    run_dir: str = "runs/generator"
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    image_size: int = 64
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    centre_sigma: float = 0.25
+
+
+class GeneratorStage:
+    """LayoutDiffusion's UNet trained with the noise-prediction loss."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        from toolvlm.tools.layout_diffusion import LayoutDiffusion, LayoutDiffusionConfig
+
+        self.config = config
+        self.layout_config = LayoutDiffusionConfig(
+            categories=list(CATEGORIES),
+            image_size=config.image_size,
+            block_out_channels=list(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+            centre_sigma=config.centre_sigma,
+        )
+        self.pipe = LayoutDiffusion.build(self.layout_config)
+        self.model = self.pipe.unet
+        self.data = WorldScenes(
+            "train", length=10**8, offset=3 * 10**7, image_size=config.image_size, normalise=False
+        )
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """Images in [-1, 1] at image_size, their layout conditioning, and the step's noise generator."""
+        from toolvlm.tools.layout_diffusion import rasterize
+
+        c = self.config
+        items = [self.data[step * c.batch_size + i] for i in range(c.batch_size)]
+        cond = np.stack([rasterize(layout_of(it["ann"]), self.layout_config) * 2 - 1 for it in items])
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        return {
+            "pixels": torch.stack([it["pixels"] for it in items]),
+            "cond": torch.from_numpy(cond),
+            "generator": generator,
+        }
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Noise-prediction MSE."""
+        return self.pipe.training_loss(batch["pixels"], batch["cond"], batch["generator"]), {}
+
+    def export(self, folder: Path) -> None:
+        """unet/ (fp16), scheduler/, layout.json."""
+        from toolvlm.tools.layout_diffusion import LayoutDiffusion
+
+        LayoutDiffusion(fp16_copy(self.model), self.pipe.scheduler, self.layout_config).save_pretrained(
+            folder
+        )

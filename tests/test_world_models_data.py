@@ -1,0 +1,95 @@
+"""World-model data: seed splits, targets, the open-vocabulary tokenizer, and the eval metrics' pieces."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from toolvlm.finetune.eval_world import average_precision, caption_items, f1, scene_items
+from toolvlm.finetune.world import annotate, sample_scene, scene_from_spec
+from toolvlm.finetune.world_data import (
+    EVAL_SEED_BASE,
+    WorldScenes,
+    detection_target,
+    presence_text,
+    scene_seed,
+    text_matches,
+)
+from toolvlm.finetune.world_tokenizer import build_tokenizer
+
+
+def test_train_and_eval_seeds_are_disjoint():
+    assert scene_seed("train", 5) == 5
+    assert scene_seed("eval", 5) == EVAL_SEED_BASE + 5
+    with pytest.raises(ValueError, match="splits are"):
+        scene_seed("test", 0)
+    with pytest.raises(ValueError):
+        scene_seed("train", EVAL_SEED_BASE)
+
+
+def test_dataset_items_are_deterministic_tensors():
+    data = WorldScenes("eval", length=2, image_size=32)
+    a, b = data[1], data[1]
+    assert a["pixels"].shape == (3, 32, 32)
+    assert (a["pixels"] == b["pixels"]).all()
+    assert a["ann"]["caption"] == b["ann"]["caption"]
+
+
+def test_detection_target_positives_follow_the_phrases():
+    ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
+    t = detection_target(ann, random.Random(0))
+    assert len(t.boxes) == len(ann["objects"]) == len(t.positives)
+    for pos in t.positives:
+        assert pos, "every object answers at least its category"
+        for q in pos:
+            assert t.kinds[q] != "negative"
+    for q, kind in enumerate(t.kinds):
+        if kind == "negative":
+            assert not any(q in pos for pos in t.positives)
+    assert all(0 <= v <= 1 for box in t.boxes for v in box[:2])
+
+
+def test_presence_statements_match_scenes():
+    scene = scene_from_spec({"objects": [{"category": "dog", "box": [10, 150, 60, 190]}]})
+    ann = annotate(scene)
+    assert text_matches(ann, ("dog", True), own=False)
+    assert not text_matches(ann, ("car", True), own=False)
+    assert text_matches(ann, ("car", False), own=False)
+    assert presence_text("apple", True) == "a photo with an apple"
+    assert presence_text("person", False) == "a photo with no people"
+
+
+def test_tokenizer_is_open_vocabulary_and_short_on_world_text():
+    tok = build_tokenizer(max_length=32, n_scenes=20)
+    ids = tok("the red frisbee next to the dog")["input_ids"]
+    assert len(ids) == 2 + 7  # BOS, one token per world word, EOS
+    assert ids[0] > 0  # OWL-ViT's query mask needs BOS > 0
+    unseen = "a zebra on a xylophone"
+    assert tok.decode(tok(unseen)["input_ids"], skip_special_tokens=True) == unseen
+
+
+def test_caption_items_and_f1():
+    items = caption_items(
+        "Five people in red and blue shirts next to a red frisbee and two trees under a sunny sky."
+    )
+    assert {
+        ("person",),
+        ("person", "red"),
+        ("person", "blue"),
+        ("frisbee",),
+        ("frisbee", "red"),
+        ("tree",),
+        ("sun",),
+    } <= items
+    scene = scene_from_spec({"objects": [{"category": "frisbee", "color": "red", "box": [10, 150, 40, 160]}]})
+    assert f1(caption_items("a red frisbee"), scene_items(scene)) == 1.0
+    assert f1(caption_items("a blue car"), scene_items(scene)) == 0.0
+
+
+def test_average_precision():
+    gts = {0: [[0, 0, 10, 10]], 1: [[0, 0, 10, 10]]}
+    assert average_precision([(0.9, 0, [0, 0, 10, 10]), (0.8, 1, [0, 0, 10, 10])], gts) == pytest.approx(1.0)
+    assert average_precision([(0.9, 0, [50, 50, 60, 60])], gts) == 0.0
+    half = average_precision([(0.9, 0, [50, 50, 60, 60]), (0.8, 1, [0, 0, 10, 10])], gts)
+    assert 0 < half < 1

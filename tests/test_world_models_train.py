@@ -1,0 +1,192 @@
+"""Each world-model stage trains a few steps at a tiny size, and its export loads through its tools backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolvlm.finetune.train_world import run_stage
+from toolvlm.finetune.world import render_scene, sample_scene
+from toolvlm.tools.registry import build_tools
+
+TINY_TOWERS = [
+    "image_size=32",
+    "patch_size=16",
+    "vision_width=32",
+    "vision_layers=1",
+    "vision_heads=2",
+    "text_width=32",
+    "text_layers=1",
+    "text_heads=2",
+    "tokenizer_scenes=10",
+    "batch_size=2",
+    "log_every=1",
+    "save_every=1",
+    "warmup_steps=1",
+]
+
+
+def tiny_encoder_overrides(run: Path, steps: int = 2) -> list[str]:
+    """A 1-layer, 32-wide encoder on 32 px images."""
+    return [f"run_dir={run}", f"steps={steps}", "projection_dim=32", "max_length=24", *TINY_TOWERS]
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory) -> Path:
+    return run_stage("encoder", None, tiny_encoder_overrides(tmp_path_factory.mktemp("enc") / "run"))
+
+
+@pytest.fixture(scope="module")
+def detector_run(tmp_path_factory, encoder_run) -> Path:
+    run = tmp_path_factory.mktemp("det") / "run"
+    overrides = [f"run_dir={run}", f"init_from={encoder_run / 'export'}", "steps=2", "batch_size=2"]
+    return run_stage("detector", None, [*overrides, "warmup_steps=1", "save_every=1"])
+
+
+def test_encoder_trains_resumes_and_exports(encoder_run, tmp_path):
+    log = [json.loads(line) for line in (encoder_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert torch.load(encoder_run / "checkpoint.pt", weights_only=True)["step"] == 2
+    export = encoder_run / "export"
+    assert (export / "model.safetensors").is_file() and (export / "recipe.yaml").is_file()
+    # resuming to 3 steps runs one more step only
+    run_stage("encoder", None, tiny_encoder_overrides(encoder_run, steps=3) + ["export_at_end=false"])
+    log = [json.loads(line) for line in (encoder_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_clip_vision_export_equals_the_owlvit_vision_tower(encoder_run):
+    from transformers import CLIPVisionModel, OwlViTModel
+
+    owl = OwlViTModel.from_pretrained(encoder_run / "export").float().eval()
+    clip = CLIPVisionModel.from_pretrained(encoder_run / "export" / "vision").float().eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = owl.vision_model(pixel_values=pixels)
+        b = clip(pixel_values=pixels)
+    assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-5)
+    assert torch.allclose(a.pooler_output, b.pooler_output, atol=1e-5)
+
+
+def test_detector_loads_in_grounding_and_counter(detector_run):
+    tools = build_tools(
+        {"grounding": {"backend": "inhouse", "model": str(detector_run / "export")}, "counter": {}}
+    )
+    image = render_scene(sample_scene(1))
+    found = tools["grounding"](image=image, phrase="dog", threshold=0.0)
+    assert found.artifact["boxes"]
+    counted = tools["counter"](image=image, phrase="person", threshold=0.0)
+    assert counted.artifact["count"] == len(counted.artifact["boxes"]) > 0
+
+
+@pytest.fixture(scope="module")
+def captioner_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cap") / "run"
+    return run_stage("captioner", None, [f"run_dir={run}", "steps=1", "max_length=48", *TINY_TOWERS])
+
+
+@pytest.fixture(scope="module")
+def generator_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("gen") / "run"
+    overrides = [f"run_dir={run}", "steps=1", "batch_size=2", "image_size=16"]
+    return run_stage("generator", None, [*overrides, "block_out_channels=[8, 16]", "norm_num_groups=4"])
+
+
+def test_captioner_loads_in_the_captioner_tool(captioner_run):
+    run = captioner_run
+    tools = build_tools(
+        {"captioner": {"backend": "inhouse", "model": str(run / "export"), "max_new_tokens": 4}}
+    )
+    out = tools["captioner"](image=render_scene(sample_scene(2)))
+    assert isinstance(out.artifact["caption"], str)
+
+
+def test_generator_loads_in_the_generator_tool(generator_run):
+    run = generator_run
+    tools = build_tools({"generator": {"backend": "inhouse", "model": str(run / "export"), "steps": 2}})
+    out = tools["generator"](boxes=[[2, 2, 8, 12]], phrases=["person"], width=16, height=16)
+    assert out.images[0].size == (16, 16)
+
+
+def test_eval_world_models_runs_on_tiny_checkpoints(
+    encoder_run, detector_run, captioner_run, generator_run, capsys
+):
+    from toolvlm.cli import main
+
+    parts = {
+        "encoder": encoder_run,
+        "detector": detector_run,
+        "captioner": captioner_run,
+        "generator": generator_run,
+    }
+    argv = ["eval", "world-models", "--json", "--n", "2", "--n-generate", "1", "--gen-steps", "1"]
+    for part, run in parts.items():
+        argv += [f"--{part}", str(run / "export")]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= results["encoder"]["presence_accuracy"] <= 1
+    assert {"ap50_category", "ap50_colour", "referring_accuracy"} <= set(results["grounding"])
+    assert "exact_upto_30" in results["counting"]
+    assert 0 <= results["captioner"]["object_f1"] <= 1
+    assert results["generator"]["n"] == 1
+    assert results["skipped"] == {}
+
+
+def test_eval_skips_absent_parts(tmp_path, monkeypatch, capsys):
+    from toolvlm.cli import main
+
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))
+    assert main(["eval", "world-models", "--json", "--n", "1"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(results["skipped"]) == {"encoder", "detector", "captioner", "generator"}
+
+
+def test_detector_training_forward_equals_the_model_forward(detector_run):
+    from transformers import AutoProcessor, OwlViTForObjectDetection
+
+    from toolvlm.finetune.train_detector import detector_outputs
+
+    model = OwlViTForObjectDetection.from_pretrained(detector_run / "export").float().eval()
+    tokenizer = AutoProcessor.from_pretrained(detector_run / "export").tokenizer
+    phrases = ["dog", "person in a red shirt", "the red frisbee next to the dog"]
+    pixels = torch.randn(1, 3, 32, 32)
+    tokens = tokenizer(phrases, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels
+        )
+        # the batch's distinct phrases once, padded longer, queried in another order
+        many = tokenizer(["ball", *phrases], padding="max_length", max_length=20, return_tensors="pt")
+        index = torch.tensor([[1, 2, 3]])
+        logits, boxes = detector_outputs(model, pixels, many, index, torch.ones_like(index, dtype=torch.bool))
+    assert torch.allclose(ref.logits, logits, atol=1e-4)
+    assert torch.allclose(ref.pred_boxes, boxes, atol=1e-5)
+
+
+def test_reorder_specials_moves_the_special_rows():
+    from transformers.models.clip import CLIPTokenizer
+
+    from toolvlm.finetune.world_tokenizer import (
+        BOS,
+        EOS,
+        PAD,
+        _backend_merges,
+        build_tokenizer,
+        reorder_specials,
+    )
+
+    new = build_tokenizer(max_length=16, n_scenes=10)
+    vocab = dict(new.get_vocab())
+    n = len(vocab)
+    vocab[BOS], vocab[EOS], vocab[PAD] = n - 3, n - 2, n - 1  # an older order: PAD highest
+    old = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in _backend_merges(new)], pad_token=PAD)
+    embeddings = torch.nn.Embedding(n, 4)
+    before = embeddings.weight.detach().clone()
+    fixed = reorder_specials(old, embeddings)
+    assert fixed.convert_tokens_to_ids(EOS) == n - 1
+    assert torch.equal(embeddings.weight[n - 1], before[n - 2])  # EOS's row moved with it
+    assert fixed("a red dog")["input_ids"][1:-1] == old("a red dog")["input_ids"][1:-1]
+    assert reorder_specials(new, embeddings) is new
