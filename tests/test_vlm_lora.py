@@ -49,7 +49,7 @@ def test_lora_trains_adapters_and_projector_only(base_dir):
 def test_adapter_saves_apart_loads_and_merges_to_same_outputs(base_dir, tmp_path):
     vlm = apply_lora(load_vlm(base_dir, dtype="float32"), LoRASpec(r=4, dropout=0.0))
     with torch.no_grad():  # move the adapters and projector away from their identity start
-        for name, param in vlm.model.named_parameters():
+        for param in vlm.model.parameters():
             if param.requires_grad:
                 param.add_(0.3 * torch.randn_like(param))
     vlm.model.eval()
