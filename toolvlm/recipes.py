@@ -42,7 +42,9 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge `update` into a copy of `base`."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -89,5 +91,9 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write a dataclass config as JSON (or YAML, by suffix)."""
     data = dataclasses.asdict(config)
     path = Path(path)
-    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+    text = (
+        yaml.safe_dump(data, sort_keys=False)
+        if path.suffix in (".yaml", ".yml")
+        else json.dumps(data, indent=2)
+    )
     path.write_text(text + ("" if text.endswith("\n") else "\n"))
