@@ -94,3 +94,19 @@ def test_tool_generator_without_image(tmp_path, monkeypatch, capsys, tiny_models
     assert result["artifact"]["mode"] == "text" and len(result["images"]) == 1
     assert main(["tool", "generator", "prompt=a dog", "--profile", str(path)]) == 0
     assert "generated a 32x32 image" in capsys.readouterr().out
+
+
+def test_inhouse_backends_find_the_default_bundle(tmp_path, monkeypatch):
+    import pytest
+
+    from toolvlm.tools import hf
+    from toolvlm.tools.base import MissingWeightsError
+
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match="not installed yet"):
+        hf.model_folder("counter", "inhouse", None)
+    (tmp_path / "detector").mkdir()
+    (tmp_path / "detector" / "config.json").write_text("{}")
+    (tmp_path / "detector" / "model.safetensors").write_bytes(b"")
+    assert hf.model_folder("counter", "inhouse", None) == tmp_path / "detector"
+    assert hf.model_folder("grounding", "inhouse", None) == tmp_path / "detector"

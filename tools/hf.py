@@ -36,21 +36,34 @@ def torch_dtype(name: str) -> Any:
     return dtype
 
 
+# the default bundle's part holding each tool's in-house weights
+BUNDLE_PARTS = {
+    "grounding": "detector",
+    "counter": "detector",
+    "captioner": "captioner",
+    "generator": "generator",
+}
+
 # a transformers model, a diffusers pipeline, the in-house generator
 CHECKPOINT_FILES = ("config.json", "model_index.json", "layout.json")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def model_folder(tool: str, backend: str, model: str | Path | None, hub_ok: bool = True) -> Path | str:
-    """Where a backend's weights are: a local folder, or (hub_ok) a hub id such as 'google/owlv2-base-patch16'
-    for from_pretrained to resolve from its cache or the network. Raises MissingWeightsError saying how to
-    configure one."""
+    """Where a backend's weights are: a local folder, the default bundle's part (in-house, no model given), or
+    (hub_ok) a hub id such as 'google/owlv2-base-patch16' for from_pretrained to resolve from its cache or the
+    network. Raises MissingWeightsError saying how to configure one."""
     example = EXAMPLE_BACKENDS.get(tool, backend)
     how = (
         f"configure one with --profile PROFILE.yaml containing\n"
         f"  tools:\n    {tool}:\n      backend: {example}\n      model: /path/to/local/checkpoint\n"
         f"(or pass a model folder to build_tools({{'{tool}': {{'backend': ..., 'model': ...}}}}))"
     )
+    if model is None and backend == "inhouse" and tool in BUNDLE_PARTS:
+        from toolvlm import bundle
+
+        if bundle.has(BUNDLE_PARTS[tool]):  # the default bundle's trained weights
+            model = bundle.part(BUNDLE_PARTS[tool])
     if model is None:
         if backend == "inhouse":
             raise MissingWeightsError(
