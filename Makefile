@@ -34,6 +34,8 @@ lint:
 
 bench: install
 	$(BIN)/python bench/cache_reuse.py
+	$(BIN)/python bench/tool_call_decoding.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out

@@ -76,7 +76,7 @@ def main() -> None:
     follow_ups = ["How many people are there?", "Put a box around the tree.", "Which picture is brighter?"]
     rows, identical, previous = [], True, None
     for turn in range(args.turns):
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             recomputed.reset_cache()
             fresh_text, fresh_ttft, _ = timed_reply(recomputed, messages, images, args.max_new_tokens)
             rows.append(dict(turn=turn, kind=kind(turn), ttft_recomputed_s=round(fresh_ttft, 4)))
@@ -89,7 +89,9 @@ def main() -> None:
             identical &= text == fresh_text
             print(json.dumps(rows[-1]))
             # repeat the turn from the state before it: what the previous turn's reply left in the cache
-            if previous is None:
+            if repeat == args.repeats - 1:
+                pass  # the last run leaves the cache as this turn's reply left it
+            elif previous is None:
                 cached.reset_cache()
             else:
                 cached.generate(*previous, max_new_tokens=args.max_new_tokens)
