@@ -30,6 +30,7 @@ from toolvlm.finetune.build_world import TASKS, Planner, Turn
 from toolvlm.finetune.world import Scene, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
 from toolvlm.finetune.world_scene import CATEGORIES
+from toolvlm.finetune.world_text import NUMBER_WORDS as WORLD_NUMBER_WORDS
 from toolvlm.finetune.world_text import plural
 from toolvlm.tools.imaging import iou
 
@@ -40,26 +41,8 @@ BOX = re.compile(
     r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"
 )
 HANDLE = re.compile(r"\bimg_\d+\b")
-NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        [
-            "zero",
-            "one",
-            "two",
-            "three",
-            "four",
-            "five",
-            "six",
-            "seven",
-            "eight",
-            "nine",
-            "ten",
-            "eleven",
-            "twelve",
-        ]
-    )
-}
+# number words a reply may use for a count: "zero" .. "twelve" (the world's captions spell counts up to 12)
+NUMBER_WORDS = {"zero": 0, **{w: i for i, w in enumerate(WORLD_NUMBER_WORDS[1:13], 1)}}
 
 
 def plan_eval(n: int, seed: int = EVAL_SEED, phrasing: str = "heldout") -> list[tuple[Scene, Turn]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, vit_shape
 from toolvlm.finetune.world_data import CLIP_MEAN, CLIP_STD, WorldScenes, caption_text
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
 
@@ -64,14 +64,7 @@ def blip_config(c: CaptionerConfig, tokenizer: Any) -> Any:
         sep_token_id=ids["eos_token_id"],
         pad_token_id=ids["pad_token_id"],
     )
-    vision = dict(
-        hidden_size=c.vision_width,
-        intermediate_size=4 * c.vision_width,
-        num_hidden_layers=c.vision_layers,
-        num_attention_heads=c.vision_heads,
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-    )
+    vision = vit_shape(c)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=c.text_width)
 
 

@@ -178,6 +178,18 @@ def load_checkpoint_into(model: torch.nn.Module, run: Path) -> int:
     return int(state["step"])
 
 
+def vit_shape(c: Any) -> dict[str, int]:
+    """Vision-transformer config kwargs from a recipe's vision_width/layers/heads, image_size and patch_size."""
+    return dict(
+        hidden_size=c.vision_width,
+        intermediate_size=4 * c.vision_width,
+        num_hidden_layers=c.vision_layers,
+        num_attention_heads=c.vision_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+    )
+
+
 def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A float16 copy of a module for saving (the trained one stays float32)."""
     import copy

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, vit_shape
 from toolvlm.finetune.world_data import CLIP_MEAN, CLIP_STD, WorldScenes, contrastive_text, text_matches
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
 
@@ -64,14 +64,7 @@ def owlvit_config(c: EncoderConfig, tokenizer: Any) -> Any:
         max_position_embeddings=c.max_length,
         **special_ids(tokenizer),
     )
-    vision = dict(
-        hidden_size=c.vision_width,
-        intermediate_size=4 * c.vision_width,
-        num_hidden_layers=c.vision_layers,
-        num_attention_heads=c.vision_heads,
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-    )
+    vision = vit_shape(c)
     return OwlViTConfig(text_config=text, vision_config=vision, projection_dim=c.projection_dim)
 
 

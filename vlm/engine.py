@@ -90,9 +90,11 @@ class LlavaEngine:
         return self.model.get_input_embeddings().weight.dtype
 
     @torch.inference_mode()
-    def image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def image_features(
+        self, images: Sequence[Image.Image], keys: Sequence[str] | None = None
+    ) -> list[torch.Tensor]:
         """Projected features of each image, (n_tokens, hidden), computed once per distinct image."""
-        keys = [image_key(im) for im in images]
+        keys = [image_key(im) for im in images] if keys is None else list(keys)
         missing = [(k, im) for k, im in zip(keys, images, strict=True) if k not in self._features]
         missing = list(dict(missing).items())
         if missing:
@@ -166,8 +168,9 @@ class LlavaEngine:
                 f"Image features and image tokens do not match: tokens: {image_tokens}, "
                 f"features: {span_tokens} (the prompt's image placeholders and its images disagree)"
             )
-        features = self.image_features(images)
-        keys = self._keys(ids, image_spans, [image_key(im) for im in images])
+        image_keys = [image_key(im) for im in images]
+        features = self.image_features(images, image_keys)
+        keys = self._keys(ids, image_spans, image_keys)
         reuse = 0
         if use_cache and self._cache is not None:
             limit = min(len(keys), len(self._cache_keys), len(ids) - 1)  # at least one token must run
@@ -229,10 +232,10 @@ class LlavaEngine:
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         procs = self._processors(cfg, logits_processor)
         logits = self.prefill(ids, images, image_spans, use_cache=use_cache)
-        history = torch.tensor([list(ids)], dtype=torch.long)
+        history = list(ids)  # prompt + generated ids, as logits processors read them
         generated: list[int] = []
         for _ in range(cfg.max_new_tokens):
-            scores = procs(history, logits) if procs else logits
+            scores = procs(torch.tensor([history]), logits) if procs else logits
             if cfg.do_sample:
                 probs = torch.softmax(scores, dim=-1).cpu()
                 token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
@@ -245,5 +248,5 @@ class LlavaEngine:
             yield token
             if should_stop is not None and should_stop(generated):
                 break
-            history = torch.cat([history, torch.tensor([[token]])], dim=1)
+            history.append(token)
             logits = self._step(token)

@@ -39,7 +39,7 @@ class GenericBackend:
             plain, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
         )
         inputs = self.processor(text=[text], images=found or None, return_tensors="pt")
-        return inputs.to(self.model.device)
+        return inputs.to(self.model.device), found
 
     def render(
         self,
@@ -54,9 +54,9 @@ class GenericBackend:
                 f"training labels for {self.model.config.model_type} checkpoints are not supported: "
                 "use a LLaVA-family model (toolvlm's own or llava-hf) for fine-tuning"
             )
-        inputs = self._inputs(messages, images, tools, add_generation_prompt)
+        inputs, found = self._inputs(messages, images, tools, add_generation_prompt)
         ids = inputs["input_ids"][0].tolist()
-        return RenderedChat(ids, [-100] * len(ids), collect_images(messages, images))
+        return RenderedChat(ids, [-100] * len(ids), found)
 
     def stream(
         self,
@@ -68,7 +68,7 @@ class GenericBackend:
         stop: Sequence[str] | None,
     ) -> Iterator[str]:
         """Yield text deltas from `model.generate` running in a worker thread."""
-        inputs = self._inputs(messages, images, tools)
+        inputs, _ = self._inputs(messages, images, tools)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             **inputs,

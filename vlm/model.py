@@ -75,12 +75,10 @@ class VLM:
     @property
     def supports_tool_template(self) -> bool:
         """True when the chat template renders tool schemas given through `tools=`."""
+        if self.is_llava and isinstance(self.renderer, ChatMLRenderer):
+            return False  # the native ChatML format takes tool schemas in the system prompt
         template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or ""
-        return (
-            "tools" in template
-            if not self.is_llava or not isinstance(self.renderer, ChatMLRenderer)
-            else False
-        )
+        return "tools" in template
 
     @property
     def device(self) -> torch.device:
