@@ -51,6 +51,7 @@ class AgentConfig:
     tool_choice: str = "auto"  # with constrained: "required" makes the first reply of a turn one valid call
     native_tools: bool | None = None  # pass schemas through tools=; None: when the controller supports it
     prompts: str = "agent"  # a prompt file of toolvlm.prompts, or a YAML path
+    tool_images: bool = True  # show the controller the images tools make (False: only their handles)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> AgentConfig:
@@ -132,8 +133,9 @@ class Agent:
 
     def render(self) -> tuple[list[dict[str, Any]], list[Image.Image]]:
         """The messages and images the controller gets for the next reply."""
-        messages = self.trajectory.to_messages(self.system_prompt())
-        images = [self.memory.get(h) for h in self.trajectory.image_handles()]
+        shown = self.config.tool_images
+        messages = self.trajectory.to_messages(self.system_prompt(), tool_images=shown)
+        images = [self.memory.get(h) for h in self.trajectory.image_handles(tool_images=shown)]
         return messages, images
 
     # -- recording ----------------------------------------------------------------------------------------

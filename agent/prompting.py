@@ -59,8 +59,22 @@ def system_prompt(schemas: list[dict[str, Any]], native: bool = False, prompts: 
         return fill(templates["no_tools_system"], **common).strip()
     if native:
         return fill(templates["native_system"], **common).strip()
-    entries = [fill(templates["tool_entry"], schema=json.dumps(s, ensure_ascii=False)) for s in schemas]
+    entries = [fill(templates["tool_entry"], **entry_variables(s)) for s in schemas]
     return fill(templates["system"], tools="\n".join(entries), **common).strip()
+
+
+def entry_variables(schema: dict[str, Any]) -> dict[str, str]:
+    """What a `tool_entry` template may use: $schema (the JSON), $name, $description and $args (argument
+    names, required first, optional ones marked with '?')."""
+    parameters = schema.get("parameters", {})
+    required = list(parameters.get("required", []))
+    optional = [k for k in parameters.get("properties", {}) if k not in required]
+    return {
+        "schema": json.dumps(schema, ensure_ascii=False),
+        "name": schema["name"],
+        "description": schema.get("description", ""),
+        "args": ", ".join(required + [f"{k}?" for k in optional]),
+    }
 
 
 def openai_tools(schemas: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -89,12 +89,14 @@ class ToolStep(_StepIO):
     error: bool = False
     kind: ClassVar[str] = "tool"
 
-    def to_messages(self) -> list[dict[str, Any]]:
-        """This step as chat messages (a `tool` message; the images a tool made are shown to the model)."""
+    def to_messages(self, show_images: bool = True) -> list[dict[str, Any]]:
+        """This step as chat messages: a `tool` message naming the images the tool made, and showing them
+        to the model unless `show_images` is False."""
         text = self.content
         if self.images:
             text += "\nNew images: " + ", ".join(self.images)
-        parts: list[dict[str, Any]] = [{"type": "text", "text": text}, *image_parts(self.images)]
+        shown = image_parts(self.images) if show_images else []
+        parts: list[dict[str, Any]] = [{"type": "text", "text": text}, *shown]
         message: dict[str, Any] = {"role": "tool", "content": parts}
         if self.name:
             message["name"] = self.name
@@ -163,18 +165,22 @@ class Trajectory:
         """Add a step at the end."""
         self.steps.append(step)
 
-    def to_messages(self, system: str | None = None) -> list[dict[str, Any]]:
-        """Chat messages of the whole conversation, the system prompt first when given."""
+    def to_messages(self, system: str | None = None, tool_images: bool = True) -> list[dict[str, Any]]:
+        """Chat messages of the whole conversation, the system prompt first when given; `tool_images=False`
+        names the images tools made without showing them."""
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         for step in self.steps:
-            messages.extend(step.to_messages())
+            if isinstance(step, ToolStep):
+                messages.extend(step.to_messages(show_images=tool_images))
+            else:
+                messages.extend(step.to_messages())
         return messages
 
-    def image_handles(self) -> list[str]:
-        """Handles of the images in `to_messages`, in order of appearance."""
+    def image_handles(self, tool_images: bool = True) -> list[str]:
+        """Handles of the images in `to_messages` (with the same `tool_images`), in order of appearance."""
         handles: list[str] = []
         for step in self.steps:
-            if isinstance(step, UserStep | ToolStep):
+            if isinstance(step, UserStep) or (tool_images and isinstance(step, ToolStep)):
                 handles.extend(step.images)
         return handles
 
@@ -187,9 +193,11 @@ class Trajectory:
         """Rebuild a trajectory from `to_dict` output."""
         return cls([step_from_dict(s) for s in data.get("steps", [])])
 
-    def to_example(self, memory: Any, system: str | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
+    def to_example(
+        self, memory: Any, system: str | None = None, tool_images: bool = True
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
         """(messages, images) for a model or a fine-tuning example; `memory` maps handles to images."""
-        return self.to_messages(system), [memory.get(h) for h in self.image_handles()]
+        return self.to_messages(system, tool_images), [memory.get(h) for h in self.image_handles(tool_images)]
 
     def current_turn(self) -> list[Step]:
         """The steps from the last user message on."""

@@ -126,6 +126,7 @@ class WorldDataConfig:
     max_turns: int = 3
     tools: list[str] = field(default_factory=lambda: list(TOOLSET))
     prompts: str = "agent"
+    tool_images: bool = True  # show the images tools make (the agent option of that name must match)
 
 
 @dataclass
@@ -355,14 +356,19 @@ def plan_conversation(
 
 
 def run_turns(
-    image: Any, turns: list[Turn], tools: dict[str, Any], system: str | None = None
+    image: Any,
+    turns: list[Turn],
+    tools: dict[str, Any],
+    system: str | None = None,
+    tool_images: bool = True,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Run planned turns on one image through the agent loop with scripted replies: (messages, images)."""
+    """Run planned turns on one image through the agent loop with scripted replies: (messages, images);
+    `tool_images` as the agent option of that name."""
     from toolvlm.agent.controllers import ScriptedController
     from toolvlm.agent.loop import Agent, AgentConfig
 
     controller = ScriptedController()
-    agent = Agent(controller, tools, AgentConfig(max_steps=8))
+    agent = Agent(controller, tools, AgentConfig(max_steps=8, tool_images=tool_images))
     for k, turn in enumerate(turns):
         controller.enqueue(*turn.replies)
         for _event in agent.run(turn.text, [image] if k == 0 else []):
@@ -371,17 +377,21 @@ def run_turns(
             raise RuntimeError(
                 f"turn {turn.task!r} ended with {len(controller.replies)} scripted replies unused"
             )
-    messages = agent.trajectory.to_messages(system or agent.system_prompt())
-    images = [agent.memory.get(h) for h in agent.trajectory.image_handles()]
+    messages = agent.trajectory.to_messages(system or agent.system_prompt(), tool_images=tool_images)
+    images = [agent.memory.get(h) for h in agent.trajectory.image_handles(tool_images=tool_images)]
     return messages, images
 
 
 def run_conversation(
-    scene: Scene, turns: list[Turn], oracle: WorldOracle | None = None, system: str | None = None
+    scene: Scene,
+    turns: list[Turn],
+    oracle: WorldOracle | None = None,
+    system: str | None = None,
+    tool_images: bool = True,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Run the planned turns on a world scene with the oracle tools: (messages, images)."""
     oracle = oracle or WorldOracle()
-    return run_turns(oracle.render(scene), turns, oracle.tools(), system)
+    return run_turns(oracle.render(scene), turns, oracle.tools(), system, tool_images)
 
 
 def world_example(index: int, config: WorldDataConfig, system: str | None = None) -> Example:
@@ -390,7 +400,7 @@ def world_example(index: int, config: WorldDataConfig, system: str | None = None
     scene = sample_scene(seed)
     rng = random.Random(seed)
     turns = plan_conversation(scene, rng, config.phrasing, config.task_weights, config.max_turns)
-    messages, images = run_conversation(scene, turns, system=system)
+    messages, images = run_conversation(scene, turns, system=system, tool_images=config.tool_images)
     meta = {
         "source": "world",
         "seed": seed,

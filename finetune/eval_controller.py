@@ -274,11 +274,18 @@ def summarize(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `toolvlm eval controller`."""
     parser.add_argument("--model", help="a controller folder (saved VLM or adapter)")
-    parser.add_argument("--profile", help="a profile (name or path): its controller and tools")
+    parser.add_argument(
+        "--profile", help="a profile (name or path): its controller and tools (default: the default bundle)"
+    )
     parser.add_argument("--n", type=int, default=64, help="held-out turns to run (default 64)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="scene seed of the held-out set")
     parser.add_argument("--phrasing", choices=("heldout", "train"), default="heldout")
     parser.add_argument("--constrained", action="store_true", help="constrained decoding of tool calls")
+    parser.add_argument(
+        "--prompts",
+        help="the agent's prompt file (name in toolvlm.prompts or a YAML path; default: the profile's, else "
+        "'agent'); a controller must be evaluated with the prompt it was trained with",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object (per-turn details included)"
@@ -289,15 +296,18 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the scores."""
     from toolvlm.tools.base import MissingWeightsError
 
-    if bool(args.model) == bool(args.profile):
-        print("toolvlm eval controller: give --model or --profile", file=sys.stderr)
+    if args.model and args.profile:
+        print("toolvlm eval controller: give --model or --profile, not both", file=sys.stderr)
         return 2
-    options = {"constrained": bool(args.constrained)}
+    options: dict[str, Any] = {"constrained": bool(args.constrained)}
+    if args.prompts:
+        options["prompts"] = args.prompts
     notes = []
-    if args.profile:
+    if not args.model:  # a profile, or the default bundle's
         from toolvlm.agent.assistant import Assistant
 
         target = Assistant.from_profile(args.profile)
+        options = {**target.profile.agent, **options}
         try:
             for tool in target.agent.tools.values():
                 if not getattr(tool, "is_setup", True):

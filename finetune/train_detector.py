@@ -53,6 +53,7 @@ class DetectorConfig(TrainConfig):
     focal_gamma: float = 2.0
     prior_logit: float = -4.0
     init_logit_scale: float = 10.0
+    p_lowres: float = 0.2  # share of images blurred like the 64 px generator's, so counts read back on them
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,9 @@ class DetectorStage:
         self.model.float()
         reinit_heads(self.model, config.prior_logit, config.init_logit_scale)
         vision = self.model.config.vision_config
-        self.data = WorldScenes("train", length=10**8, offset=10**7, image_size=vision.image_size)
+        self.data = WorldScenes(
+            "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres
+        )
 
     def batch(self, step: int) -> dict[str, Any]:
         """Images, the batch's distinct phrases (tokenised once) and per-image query indices and targets."""

@@ -59,13 +59,19 @@ class WorldScenes(Dataset):
     image_size: int = 224
     normalise: bool = True  # False: pixels in [-1, 1] (the generator), True: CLIP mean/std
     world: WorldConfig = field(default_factory=WorldConfig)
+    p_lowres: float = 0.0  # share of images blurred like a generator's: down to `lowres` pixels and back up
+    lowres: int = 64
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        scene = sample_scene(scene_seed(self.split, self.offset + i), self.world)
+        seed = scene_seed(self.split, self.offset + i)
+        scene = sample_scene(seed, self.world)
         image = render_scene(scene)
+        if self.p_lowres > 0 and random.Random(seed).random() < self.p_lowres:
+            size = image.size
+            image = image.resize((self.lowres, self.lowres), Image.BICUBIC).resize(size, Image.BICUBIC)
         if self.normalise:
             pixels = to_pixels(image, self.image_size)
         else:

@@ -220,3 +220,23 @@ def test_keyboard_interrupt_cancels_generation_keeps_conversation(agent_tools):
     last = bot.trajectory.steps[-1]
     assert isinstance(last, AssistantStep) and last.cancelled and last.text == "partial "
     assert bot.trajectory.turn_finished()
+
+
+def test_tool_images_off_names_images_without_showing_them(agent_tools, agent_image):
+    controller = ScriptedController([call("grounding", image="img_0", phrase="tree"), "There it is."])
+    bot = Assistant(controller, agent_tools, config={"tool_images": False})
+    bot.chat("box the tree", images=[agent_image])
+    after = controller.calls[1]
+    assert len(after.images) == 1 and after.images[0] is agent_image
+    tool_message = after.messages[-1]
+    assert tool_message["content"] == [{"type": "text", "text": tool_message["content"][0]["text"]}]
+    assert tool_message["content"][0]["text"].endswith("New images: img_1")
+    assert bot.image("img_1") is not None  # still made and kept, only not shown
+
+
+def test_compact_prompt_lists_tools_with_their_arguments(agent_tools):
+    controller = ScriptedController(["hello"])
+    Assistant(controller, agent_tools, config={"prompts": "compact"}).chat("hi")
+    system = controller.calls[0].messages[0]["content"]
+    assert "- grounding(image, phrase" in system and "<tool_call>" in system
+    assert '"parameters"' not in system and len(system) < 800

@@ -88,3 +88,34 @@ def test_qlora_4bit_forward_and_backward_on_cpu(tmp_path):
     assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     vlm.model.eval()
     assert isinstance(vlm.generate(chat(1), [random_image(0)], max_new_tokens=4), str)
+
+
+def test_portable_adapter_builds_its_base_from_a_spec(tiny_lm_dir, tmp_path):  # noqa: F811
+    """A portable adapter holds only LoRA + projector; the base is rebuilt from base.json and a relative
+    vision folder, and generates exactly as the trained model did."""
+    from toolvlm.vlm.lora import BASE_FILE, make_portable
+
+    spec = tiny_spec(tiny_lm_dir, pooling=2)
+    vlm = build_vlm(spec, dtype="float32")
+    vlm.save(tmp_path / "base")
+    vlm.model.model.vision_tower.save_pretrained(tmp_path / "bundle" / "vision")
+    vlm = apply_lora(load_vlm(tmp_path / "base", dtype="float32"), LoRASpec(r=4, dropout=0.0))
+    with torch.no_grad():
+        for param in vlm.model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    vlm.model.eval()
+    messages, images = chat(1), [random_image(5)]
+    tuned = vlm.generate(messages, images, max_new_tokens=10)
+    folder = save_adapter(vlm, tmp_path / "bundle" / "controller")
+    spec.vision.checkpoint = "../vision"
+    make_portable(folder, spec)
+    (tmp_path / "base" / "model.safetensors").unlink()  # the saved base is not needed any more
+    assert (folder / BASE_FILE).is_file()
+    reloaded = load_vlm(folder, dtype="float32")
+    assert reloaded.generate(messages, images, max_new_tokens=10) == tuned
+
+    spec.vision.checkpoint = "../missing"
+    make_portable(folder, spec)
+    with pytest.raises(FileNotFoundError, match="vision encoder"):
+        load_vlm(folder, dtype="float32")

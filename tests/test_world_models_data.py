@@ -93,3 +93,19 @@ def test_average_precision():
     assert average_precision([(0.9, 0, [50, 50, 60, 60])], gts) == 0.0
     half = average_precision([(0.9, 0, [50, 50, 60, 60]), (0.8, 1, [0, 0, 10, 10])], gts)
     assert 0 < half < 1
+
+
+def test_lowres_augmentation_blurs_a_deterministic_share():
+    import numpy as np
+
+    from toolvlm.finetune.world_data import WorldScenes
+
+    sharp = WorldScenes("train", length=40)
+    mixed = WorldScenes("train", length=40, p_lowres=0.5, lowres=64)
+    changed = [
+        not np.array_equal(np.asarray(sharp[i]["image"]), np.asarray(mixed[i]["image"])) for i in range(40)
+    ]
+    assert 8 <= sum(changed) <= 32
+    again = WorldScenes("train", length=40, p_lowres=0.5, lowres=64)
+    assert all(np.array_equal(np.asarray(mixed[i]["image"]), np.asarray(again[i]["image"])) for i in range(5))
+    assert mixed[0]["image"].size == sharp[0]["image"].size

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .config import resolve_dtype
+from .config import VLMSpec, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 LM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC_FILE = "toolvlm_lora.json"
+BASE_FILE = "base.json"  # a portable adapter's base: a VLMSpec to build (see make_portable)
 
 
 @dataclass
@@ -112,6 +113,37 @@ def save_adapter(vlm, folder: str | Path, base: str | Path | None = None) -> Pat
     return folder
 
 
+def make_portable(folder: str | Path, base_spec: VLMSpec) -> Path:
+    """Make a saved adapter self-contained: its base becomes `base_spec`, a model to build (`base.json`)
+    rather than a saved folder; a relative vision checkpoint in the spec is taken from the adapter folder.
+
+    The base's frozen weights are then whatever the spec names (the SmolLM2 package, a vision folder), so the
+    adapter folder holds only what training changed: LoRA matrices and the projector (a few MB, not the
+    hundreds of a merged model)."""
+    folder = Path(folder)
+    Path(folder, BASE_FILE).write_text(json.dumps(base_spec.to_dict(), indent=2) + "\n")
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = None
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def _portable_base(folder: Path, dtype: str | torch.dtype):
+    """Build the base of a portable adapter from its `base.json`."""
+    from .builder import build_vlm
+
+    spec = VLMSpec.from_dict(json.loads((folder / BASE_FILE).read_text()))
+    checkpoint = spec.vision.checkpoint
+    if checkpoint and not Path(checkpoint).is_absolute():
+        spec.vision.checkpoint = str((folder / checkpoint).resolve())
+        if not Path(spec.vision.checkpoint, "config.json").is_file():
+            raise FileNotFoundError(
+                f"the adapter in {folder} needs its vision encoder at {spec.vision.checkpoint}"
+            )
+    return build_vlm(spec, dtype=dtype)
+
+
 def load_adapter(
     folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
 ):
@@ -120,13 +152,19 @@ def load_adapter(
 
     from .model import VLM, load_vlm
 
+    folder = Path(folder)
     adapter_config = json.loads(Path(folder, "adapter_config.json").read_text())
     base_path = adapter_config.get("base_model_name_or_path")
-    if not base_path or not Path(base_path, "config.json").is_file():
+    if (folder / BASE_FILE).is_file():
+        base = _portable_base(folder, dtype)
+        base.model.to(device)
+        base_path = str(folder)
+    elif not base_path or not Path(base_path, "config.json").is_file():
         raise FileNotFoundError(
             f"the adapter in {folder} points at a base model that is not here: {base_path!r}"
         )
-    base = load_vlm(base_path, dtype=dtype, device=device)
+    else:
+        base = load_vlm(base_path, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(base.model, str(folder))
     if merge:
         model = model.merge_and_unload()
