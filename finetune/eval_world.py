@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolvlm.finetune.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
-from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_text, scene_seed
+from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_prompts, scene_seed
 from toolvlm.finetune.world_text import describe, plural
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def eval_counting(
         "n_upto_30": n_small,
         "within10_31_60": close / n_large if n_large else None,
         "n_31_60": n_large,
-        "threshold": counter.threshold if threshold is None else threshold,
+        "threshold": counter.effective_threshold(threshold),
     }
 
 
@@ -297,7 +297,7 @@ def eval_encoder(folder: Path, scenes: list[Any]) -> dict[str, Any]:
 
     model = OwlViTModel.from_pretrained(folder).float().eval()
     processor = AutoProcessor.from_pretrained(folder)
-    prompts = [presence_text(c, True) for c in CATEGORIES] + [presence_text(c, False) for c in CATEGORIES]
+    prompts = presence_prompts()
     with torch.inference_mode():
         tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
         text = _features(model.get_text_features(**tokens))
@@ -319,7 +319,7 @@ def eval_generator(tools: dict[str, Any], scenes: list[Any], steps: int) -> dict
     from toolvlm.tools.grounding import locate
 
     backend, detector = tools["generator"].backend, tools["grounding"].detector
-    threshold = tools["counter"].threshold
+    threshold = tools["counter"].effective_threshold()
     agree = 0
     for k, scene in enumerate(tqdm(scenes, desc="generator", mininterval=10)):
         layout = layout_of(annotate(scene))

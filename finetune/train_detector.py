@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from toolvlm.finetune.train_common import TrainConfig, fp16_copy
-from toolvlm.finetune.train_encoder import EncoderConfig, owlvit_config, owlvit_processor
+from toolvlm.finetune.train_encoder import (
+    EncoderConfig,
+    clip_vision_from_owlvit,
+    owlvit_config,
+    owlvit_processor,
+)
 from toolvlm.finetune.world_data import WorldScenes, detection_target
 from toolvlm.finetune.world_tokenizer import build_tokenizer, reorder_specials, special_ids
 
@@ -231,7 +236,12 @@ class DetectorStage:
         }
 
     def export(self, folder: Path) -> None:
-        """fp16 OwlViTForObjectDetection + OwlViTProcessor (the tools' `inhouse` grounding format)."""
+        """fp16 OwlViTForObjectDetection + OwlViTProcessor (the tools' `inhouse` grounding format), and its
+        fine-tuned vision tower as a CLIPVisionModel in `vision/` (the default controller's encoder)."""
         folder.mkdir(parents=True, exist_ok=True)
-        fp16_copy(self.model).save_pretrained(folder)
-        owlvit_processor(self.tokenizer, self.model.config.vision_config.image_size).save_pretrained(folder)
+        half = fp16_copy(self.model)
+        half.save_pretrained(folder)
+        processor = owlvit_processor(self.tokenizer, self.model.config.vision_config.image_size)
+        processor.save_pretrained(folder)
+        clip_vision_from_owlvit(half.owlvit.vision_model).save_pretrained(folder / "vision")
+        processor.image_processor.save_pretrained(folder / "vision")

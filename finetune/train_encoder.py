@@ -6,7 +6,10 @@ the scene's caption, or a presence statement ('a photo with a dog' / 'a photo wi
 CLIP's symmetric InfoNCE with similarities s_ij = cos(img_i, txt_j) / tau (tau = 1 / exp(logit_scale),
 learned); a presence statement is usually true of several images of a batch, so every text true of an image
 counts as a positive (multi-positive InfoNCE: -log sum_pos exp(s) / sum_all exp(s)), which is CLIP's loss when
-each text is true of its own image only.
+each text is true of its own image only. With `w_presence`, each image is also classified against the pair
+('a photo with a dog', 'a photo with no dogs') of every category, the softmax over the two similarities with
+the same temperature (CLIP's zero-shot classifier, here supervised): the batch's many images with clouds make
+'a photo with a cloud' a weak InfoNCE positive, and this term asks the question the zero-shot test asks.
 
 Export (`export/`): the OwlViTModel with its tokenizer and an OwlViTProcessor, and `vision/`, the vision tower
 as a `CLIPVisionModel` folder (weights mapped one to one) for the VLM builder (`VisionSpec(checkpoint=...)`).
@@ -21,9 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from toolvlm.finetune.train_common import TrainConfig, fp16_copy, vit_shape
-from toolvlm.finetune.world_data import CLIP_MEAN, CLIP_STD, WorldScenes, contrastive_text, text_matches
+from toolvlm.finetune.world import CATEGORIES
+from toolvlm.finetune.world_data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    WorldScenes,
+    contrastive_text,
+    presence_prompts,
+    present_categories,
+    text_matches,
+)
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,7 @@ class EncoderConfig(TrainConfig):
     projection_dim: int = 256
     max_length: int = 64
     p_caption: float = 0.5
+    w_presence: float = 0.0  # weight of the presence loss (CLIP zero-shot classification as a training task)
     tokenizer_scenes: int = 400  # scenes whose texts the BPE merges are learned from
 
 
@@ -142,11 +156,14 @@ class EncoderStage:
                 for i, a in enumerate(anns)
             ]
         )
+        presence = torch.tensor([[c in present_categories(a) for c in CATEGORIES] for a in anns])
+        if c.w_presence > 0:  # the 2 x K presence prompts ride along after the batch's texts
+            texts = (*texts, *presence_prompts())
         tokens = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=c.max_length, return_tensors="pt"
         )
         pixels = torch.stack([it["pixels"] for it in items])
-        return {"pixels": pixels, "tokens": tokens, "positives": positives}
+        return {"pixels": pixels, "tokens": tokens, "positives": positives, "presence": presence}
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Multi-positive symmetric InfoNCE with the learned temperature."""
@@ -155,11 +172,22 @@ class EncoderStage:
             attention_mask=batch["tokens"]["attention_mask"],
             pixel_values=batch["pixels"],
         )
-        loss = multi_positive_infonce(out.logits_per_image, batch["positives"])
+        n = len(batch["positives"])
+        logits = out.logits_per_image.float()
+        loss = multi_positive_infonce(logits[:, :n], batch["positives"])
         with torch.no_grad():
-            hits = out.logits_per_image.float().argmax(dim=1)
+            hits = logits[:, :n].argmax(dim=1)
             acc = batch["positives"][torch.arange(len(hits)), hits].float().mean()
-        return loss, {"acc": float(acc), "scale": float(self.model.logit_scale.detach().exp())}
+        figures = {"acc": float(acc), "scale": float(self.model.logit_scale.detach().exp())}
+        if self.config.w_presence > 0:
+            k = len(CATEGORIES)
+            pairs = torch.stack([logits[:, n + k :], logits[:, n : n + k]], dim=-1)  # (B, K, [no, with])
+            target = batch["presence"].long()
+            presence_loss = F.cross_entropy(pairs.reshape(-1, 2), target.reshape(-1))
+            loss = loss + self.config.w_presence * presence_loss
+            figures["presence"] = float(presence_loss.detach())
+            figures["presence_acc"] = float((pairs.argmax(-1) == target).float().mean())
+        return loss, figures
 
     def export(self, folder: Path) -> None:
         """OwlViTModel + processor in export/, the CLIPVisionModel in export/vision/ (fp16)."""

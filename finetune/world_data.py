@@ -99,6 +99,11 @@ def presence_text(category: str, present: bool) -> str:
     return f"a photo with no {plural(category)}"
 
 
+def presence_prompts() -> list[str]:
+    """'a photo with a C' for every category, then 'a photo with no Cs' (the zero-shot presence prompts)."""
+    return [presence_text(c, True) for c in CATEGORIES] + [presence_text(c, False) for c in CATEGORIES]
+
+
 def present_categories(ann: dict[str, Any]) -> set[str]:
     """Categories with at least one object in the scene."""
     return {c for c, n in ann["counts"].items() if n > 0}

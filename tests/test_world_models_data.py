@@ -109,3 +109,17 @@ def test_lowres_augmentation_blurs_a_deterministic_share():
     again = WorldScenes("train", length=40, p_lowres=0.5, lowres=64)
     assert all(np.array_equal(np.asarray(mixed[i]["image"]), np.asarray(again[i]["image"])) for i in range(5))
     assert mixed[0]["image"].size == sharp[0]["image"].size
+
+
+def test_count_threshold_calibration_picks_the_separating_band():
+    import numpy as np
+
+    from toolvlm.finetune.calibrate_detector import best_threshold
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for truth in (1, 3, 7, 12, 45):  # true boxes score 0.6-0.9, spurious ones 0.05-0.3
+        scores = np.concatenate([rng.uniform(0.6, 0.9, truth), rng.uniform(0.05, 0.3, 5)])
+        samples.append((truth, scores.astype(np.float32)))
+    threshold, rate = best_threshold(samples)
+    assert rate == 1.0 and 0.3 < threshold < 0.6

@@ -190,3 +190,40 @@ def test_reorder_specials_moves_the_special_rows():
     assert torch.equal(embeddings.weight[n - 1], before[n - 2])  # EOS's row moved with it
     assert fixed("a red dog")["input_ids"][1:-1] == old("a red dog")["input_ids"][1:-1]
     assert reorder_specials(new, embeddings) is new
+
+
+def test_presence_loss_classifies_each_category_pair(tmp_path):
+    from toolvlm.finetune.train_encoder import EncoderConfig, EncoderStage
+    from toolvlm.finetune.world import CATEGORIES
+
+    config = EncoderConfig(
+        run_dir=str(tmp_path), image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_heads=2,
+        text_width=32, text_layers=1, text_heads=2, projection_dim=32, tokenizer_scenes=10, batch_size=3,
+        w_presence=1.0,
+    )  # fmt: skip
+    stage = EncoderStage(config)
+    batch = stage.batch(0)
+    assert batch["tokens"]["input_ids"].shape[0] == 3 + 2 * len(CATEGORIES)
+    loss, figures = stage.loss(batch)
+    assert 0 <= figures["presence_acc"] <= 1 and figures["presence"] > 0
+    loss.backward()
+    assert stage.model.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_detector_exports_its_vision_tower_and_ships_a_count_threshold(detector_run, tmp_path):
+    import shutil
+
+    from transformers import CLIPVisionModel
+
+    from toolvlm.tools.detectors import CALIBRATION
+
+    export = detector_run / "export"
+    assert CLIPVisionModel.from_pretrained(export / "vision").config.hidden_size == 32
+    folder = tmp_path / "detector"
+    shutil.copytree(export, folder)
+    (folder / CALIBRATION).write_text(json.dumps({"count_threshold": 0.0, "grounding_threshold": 0.0}))
+    tools = build_tools({"grounding": {"backend": "inhouse", "model": str(folder)}, "counter": {}})
+    image = render_scene(sample_scene(1))
+    assert tools["counter"](image=image, phrase="person").artifact["threshold"] == 0.0
+    assert tools["grounding"](image=image, phrase="dog").artifact["threshold"] == 0.0
+    assert tools["counter"](image=image, phrase="person", threshold=0.5).artifact["threshold"] == 0.5

@@ -17,6 +17,8 @@ from toolvlm.tools.base import Tool, ToolOutput
 from toolvlm.tools.detectors import make_detector
 from toolvlm.tools.grounding import IMAGE_PARAM, GroundingTool, locate, split_phrases
 
+DEFAULT_THRESHOLD = 0.2  # without one given or shipped with the weights (detectors.CALIBRATION)
+
 
 class CounterTool(Tool):
     """Count the instances of a phrase."""
@@ -51,7 +53,7 @@ class CounterTool(Tool):
         model: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        threshold: float = 0.2,
+        threshold: float | None = None,
         nms_iou: float = 0.5,
         tile_size: int = 768,
         max_side: int = 4096,
@@ -72,12 +74,21 @@ class CounterTool(Tool):
         """Load the detector's weights."""
         self.detector.load(self.name)
 
+    def effective_threshold(self, given: float | None = None) -> float:
+        """The score threshold of a call: given, else the tool's, else the one the weights ship, else 0.2."""
+        if given is not None:
+            return given
+        if self.threshold is not None:
+            return self.threshold
+        self.detector.load(self.name)
+        return self.detector.threshold("count", DEFAULT_THRESHOLD)
+
     def forward(
         self, image: Image.Image, phrase: str, threshold: float | None = None, tiling: bool | None = None
     ) -> ToolOutput:
         """Count the phrase's instances."""
         phrases = split_phrases(phrase)
-        threshold = self.threshold if threshold is None else threshold
+        threshold = self.effective_threshold(threshold)
         small_side = max(image.size) * min(1.0, self.max_side / max(image.size))
         if tiling is None:
             tiling = small_side > 1.5 * self.tile_size

