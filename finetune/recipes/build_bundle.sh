@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# How the default bundle (bundle/) is made, stage by stage, on the 2-core CPU machine (about 2 hours in all).
+# Every stage resumes from its run folder's checkpoint when run again; run one at a time (2 cores).
+# Usage: bash finetune/recipes/build_bundle.sh [STAGE ...]   (default: all, in order)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.venv/bin/python}
+TOOLVLM=${TOOLVLM:-.venv/bin/toolvlm}
+R=finetune/recipes
+
+stage_encoder()   { $PY -m toolvlm.finetune.train_world encoder   $R/world_encoder.yaml; }
+stage_detector()  {
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml --export-only  # + vision/ for the controller
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector/export                      # the counting threshold
+}
+stage_captioner() { $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml; }
+stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
+stage_controller() {
+  # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
+  $TOOLVLM finetune $R/controller_stage1.yaml model.spec.vision.checkpoint=runs/detector/export/vision
+  $TOOLVLM finetune $R/controller_stage2.yaml model.base=runs/controller_stage1/model
+}
+stage_export() {
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector captioner=runs/captioner \
+    generator=runs/generator controller=runs/controller_stage2
+  $TOOLVLM eval world-models --json > bundle/metrics_world.json
+  $TOOLVLM eval controller --json > bundle/metrics_controller.json
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(encoder detector controller captioner generator export)
+for s in "${stages[@]}"; do
+  echo "== $s"; "stage_$s"
+done
