@@ -280,7 +280,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=64, help="held-out turns to run (default 64)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="scene seed of the held-out set")
     parser.add_argument("--phrasing", choices=("heldout", "train"), default="heldout")
-    parser.add_argument("--constrained", action="store_true", help="constrained decoding of tool calls (a profile may turn it on itself)")
+    parser.add_argument(
+        "--constrained",
+        action="store_true",
+        help="constrained decoding of tool calls (a profile may turn it on itself)",
+    )
     parser.add_argument(
         "--prompts",
         help="the agent's prompt file (name in toolvlm.prompts or a YAML path; default: the profile's, else "
