@@ -29,6 +29,7 @@ from .events import AnswerEvent, Event, TokenEvent, ToolCallEvent, ToolResultEve
 from .memory import ImageMemory
 from .prompting import openai_tools, system_prompt
 from .protocol import STOP_STRINGS, CallTextFilter, ToolCall, parse_reply
+from .repetition import NoRepeatReplyNGram
 from .session import SessionStore, jsonable
 from .trajectory import AssistantStep, EndStep, Step, ToolStep, Trajectory, UserStep
 
@@ -52,6 +53,7 @@ class AgentConfig:
     native_tools: bool | None = None  # pass schemas through tools=; None: when the controller supports it
     prompts: str = "agent"  # a prompt file of toolvlm.prompts, or a YAML path
     tool_images: bool = True  # show the controller the images tools make (False: only their handles)
+    no_repeat_ngram: int = 0  # n >= 2: no n-gram of tokens twice in a reply (local controllers; 0: off)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> AgentConfig:
@@ -253,6 +255,9 @@ class Agent:
             mode = "required" if self.config.tool_choice == "required" and first else "auto"
             processor = self._grammar.logits_processor(self.schemas(), self.memory.handles, mode=mode)
             options["logits_processor"] = [processor]
+        if self.config.no_repeat_ngram:  # after the grammar, which it never overrules
+            processors = options.setdefault("logits_processor", [])
+            processors.append(NoRepeatReplyNGram(self.config.no_repeat_ngram))
         visible = CallTextFilter()
         stream = self.controller.stream(messages, images, **options)
         try:

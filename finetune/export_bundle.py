@@ -100,7 +100,12 @@ def write_profile(out: Path) -> Path:
         "description": "the default bundle: world-trained controller (SmolLM2-135M-Instruct + LoRA) and tools",
         "controller": {"backend": "local", "model": "controller", "dtype": "auto"},
         "tools": tools,
-        "agent": {"prompts": CONTROLLER_PROMPTS, "tool_images": False, "constrained": True},
+        "agent": {
+            "prompts": CONTROLLER_PROMPTS,
+            "tool_images": False,
+            "constrained": True,
+            "no_repeat_ngram": 8,
+        },
     }
     path = out / "profile.yaml"
     header = "# Written by toolvlm.finetune.export_bundle; model paths are relative to this folder.\n"

@@ -240,3 +240,27 @@ def test_compact_prompt_lists_tools_with_their_arguments(agent_tools):
     system = controller.calls[0].messages[0]["content"]
     assert "- grounding(image, phrase" in system and "<tool_call>" in system
     assert '"parameters"' not in system and len(system) < 800
+
+
+def test_no_repeat_reply_ngram_bans_loops_in_the_reply_only():
+    import torch
+
+    from toolvlm.agent.repetition import NoRepeatReplyNGram
+
+    ban = NoRepeatReplyNGram(3)
+    prompt = [7, 8, 9, 7, 8]  # the prompt repeats (7, 8) -> 9; copying it is allowed
+    scores = torch.zeros(1, 12)
+    assert torch.isfinite(ban(torch.tensor([prompt]), scores)).all()
+    reply = [1, 2, 3, 1, 2]  # (1, 2) -> 3 already in the reply: 3 is banned next
+    out = ban(torch.tensor([prompt + reply]), scores)
+    assert out[0, 3] == float("-inf") and torch.isfinite(out[0, [0, 1, 2, 4, 9]]).all()
+    only = torch.full((1, 12), float("-inf"))
+    only[0, 3] = 0.0  # a grammar left only token 3: it stays
+    assert ban(torch.tensor([prompt + reply]), only)[0, 3] == 0.0
+
+
+def test_agent_passes_the_repetition_processor(agent_tools):
+    controller = ScriptedController(["hello"])
+    Assistant(controller, agent_tools, config={"no_repeat_ngram": 8}).chat("hi")
+    processors = controller.calls[0].options["logits_processor"]
+    assert [type(p).__name__ for p in processors] == ["NoRepeatReplyNGram"]
