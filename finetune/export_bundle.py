@@ -105,6 +105,7 @@ def write_profile(out: Path) -> Path:
             "tool_images": False,
             "constrained": True,
             "no_repeat_ngram": 8,
+            "max_new_tokens": 160,  # the longest world paragraph; a looping reply stops sooner
         },
     }
     path = out / "profile.yaml"

@@ -61,6 +61,7 @@ def test_tool_counter_json_writes_the_annotated_image(tmp_path, monkeypatch, cap
 
 def test_tool_without_weights_says_how_to_configure(tmp_path, monkeypatch, capsys, scene_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path / "empty_bundle"))  # no default weights either
     code = main(["tool", "counter", str(scene_path), "phrase=person"])
     err = capsys.readouterr().err
     assert code == 2

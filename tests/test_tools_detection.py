@@ -96,8 +96,9 @@ def test_huge_image_is_downscaled_and_boxes_mapped_back(scene, tiny_models):
     assert all(_inside(b, Image.new("RGB", (1280, 640))) for b in big.artifact["boxes"])
 
 
-def test_missing_weights_raise_with_instructions(scene):
-    tool = GroundingTool()  # the in-house default, whose weights come later
+def test_missing_weights_raise_with_instructions(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))  # a bundle without the in-house weights
+    tool = GroundingTool()
     with pytest.raises(MissingWeightsError, match="--profile"):
         tool(image=scene(), phrase="person")
 
