@@ -203,3 +203,10 @@ def test_cli_prints_resolved_config_and_refuses_unknown_keys(tmp_path, tiny_lm_d
     assert "max_steps: 7" in printed and "r: 4" in printed
     assert main(["finetune", str(recipe), "lora.rank=4"]) == 2
     assert "unknown keys ['rank']" in capsys.readouterr().err
+
+
+def test_overrides_read_exponent_numbers_as_numbers():
+    from toolvlm.recipes import parse_overrides
+
+    parsed = parse_overrides(["optim.lr=1e-3", "name=run1", "steps=10", "x=", "tag=nan"])
+    assert parsed == {"optim": {"lr": 0.001}, "name": "run1", "steps": 10, "x": "", "tag": "nan"}

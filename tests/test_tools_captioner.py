@@ -55,6 +55,7 @@ def test_captioner_refuses_a_detector_checkpoint(scene, tiny_models):
         tool(image=scene())
 
 
-def test_captioner_without_weights(scene):
+def test_captioner_without_weights(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))  # a bundle without the captioner
     with pytest.raises(MissingWeightsError, match="captioner"):
         CaptionerTool()(image=scene())

@@ -34,8 +34,21 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {pair!r} sets inside {part!r}, which is a value")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = scalar(raw)
     return tree
+
+
+def scalar(raw: str) -> Any:
+    """A YAML scalar, except that numbers YAML 1.1 reads as text ('1e-3', '5E+4') are numbers."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
