@@ -17,6 +17,7 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,19 +55,26 @@ def half_safetensors(path: Path) -> None:
     log.info("cast %s to fp16", path)
 
 
+def base_spec(run: Path) -> Any:
+    """The VLMSpec of a stage-2 run's base model (read from the run's train_config.yaml)."""
+    from toolvlm.vlm.config import VLMSpec
+
+    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+    spec = VLMSpec.load(base)
+    if spec is None:
+        raise ValueError(f"the stage-2 base {base} has no toolvlm.json: it was not built by toolvlm")
+    return spec
+
+
 def copy_controller(run: Path, out: Path, vision: Path) -> None:
     """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, with a copy of the vision tower folder
     `vision` it was trained with (a CLIPVisionModel; later training of its source must not change it)."""
-    from toolvlm.vlm.config import VLMSpec
     from toolvlm.vlm.lora import make_portable
 
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run} has no adapter/ (a finished stage-2 run)")
-    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
-    spec = VLMSpec.load(base)
-    if spec is None:
-        raise ValueError(f"the stage-2 base {base} has no toolvlm.json: it was not built by toolvlm")
+    spec = base_spec(run)
     spec.vision.checkpoint = CONTROLLER_VISION
     if out.exists():
         shutil.rmtree(out)
@@ -79,11 +87,8 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
 
 def stage1_vision(run: Path) -> Path:
     """The vision checkpoint folder named by the spec of a stage-2 run's base."""
-    from toolvlm.vlm.config import VLMSpec
-
-    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
-    spec = VLMSpec.load(base)
-    if spec is None or not spec.vision.checkpoint:
+    spec = base_spec(run)
+    if not spec.vision.checkpoint:
         raise ValueError(f"cannot tell which vision tower {run} was trained with: pass --controller-vision")
     return Path(spec.vision.checkpoint)
 
