@@ -159,11 +159,11 @@ class LocalVLMController:
 
     @classmethod
     def load(cls, model: str | dict, device: str = "cpu", dtype: str = "auto") -> LocalVLMController:
-        """Load a VLM (folder, hub id, or spec dict) with `toolvlm.vlm.load_vlm`."""
+        """Load a VLM (folder, hub id, or spec dict) with `toolvlm.vlm.load_vlm`; adapters are merged."""
         from toolvlm.vlm import load_vlm
 
         logger.info("loading controller %s on %s (%s)", model, device, dtype)
-        return cls(load_vlm(model, dtype=dtype, device=device))
+        return cls(load_vlm(model, dtype=dtype, device=device, merge=True))
 
     @property
     def supports_tool_template(self) -> bool:

@@ -38,6 +38,7 @@ class GeneratorConfig(TrainConfig):
     layers_per_block: int = 1
     norm_num_groups: int = 8
     centre_sigma: float = 0.25
+    prediction_type: str = "epsilon"  # or "v_prediction"
 
 
 class GeneratorStage:
@@ -54,6 +55,7 @@ class GeneratorStage:
             layers_per_block=config.layers_per_block,
             norm_num_groups=config.norm_num_groups,
             centre_sigma=config.centre_sigma,
+            prediction_type=config.prediction_type,
         )
         self.pipe = LayoutDiffusion.build(self.layout_config)
         self.model = self.pipe.unet
@@ -76,7 +78,7 @@ class GeneratorStage:
         }
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Noise-prediction MSE."""
+        """Noise (or velocity) prediction MSE."""
         return self.pipe.training_loss(batch["pixels"], batch["cond"], batch["generator"]), {}
 
     def export(self, folder: Path) -> None:

@@ -31,6 +31,9 @@ def test_perfect_scripted_controller_scores_one():
     for key in ("SR_act", "SR_args", "SR", "describe_f1", "grounding_iou50", "count_exact", "vqa_accuracy",
                 "generate_ok"):  # fmt: skip
         assert report[key] == 1.0, (key, [t for t in report["turns"] if not t["success"]])
+    counts = [t["count"] for t in report["turns"] if t["task"] == "count"]
+    assert report["count_exact_le30"] == (1.0 if min(counts) <= 30 else None)
+    assert report["count_within10_gt30"] == (1.0 if max(counts) > 30 else None)
     assert set(report["by_task"]) == {
         "describe",
         "caption",

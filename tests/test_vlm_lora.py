@@ -62,6 +62,11 @@ def test_adapter_saves_apart_loads_and_merges_to_same_outputs(base_dir, tmp_path
     assert reloaded.generate(messages, images, max_new_tokens=10) == tuned
     merged = merge_adapter(reloaded)
     assert merged.generate(messages, images, max_new_tokens=10) == tuned
+    folded = load_vlm(tmp_path / "adapter", dtype="float32", merge=True)  # folded without peft
+    assert type(folded.model).__name__ == type(merged.model).__name__ != "PeftModelForCausalLM"
+    assert folded.generate(messages, images, max_new_tokens=10) == tuned
+    for name, param in folded.model.state_dict().items():
+        torch.testing.assert_close(param, merged.model.state_dict()[name])
     merged.save(tmp_path / "merged")
     assert (
         load_vlm(tmp_path / "merged", dtype="float32").generate(messages, images, max_new_tokens=10) == tuned
@@ -119,3 +124,29 @@ def test_portable_adapter_builds_its_base_from_a_spec(tiny_lm_dir, tmp_path):  #
     make_portable(folder, spec)
     with pytest.raises(FileNotFoundError, match="vision encoder"):
         load_vlm(folder, dtype="float32")
+
+
+def test_fold_lora_leaves_adapters_it_cannot_fold_to_peft(base_dir, tmp_path):
+    import json
+
+    from toolvlm.vlm.lora import fold_lora
+
+    vlm = apply_lora(load_vlm(base_dir, dtype="float32"), LoRASpec(r=4, dropout=0.0))
+    with torch.no_grad():
+        for param in vlm.model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    folder = save_adapter(vlm, tmp_path / "adapter")
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_dora"] = True
+    config_path.write_text(json.dumps(config))
+    base = load_vlm(base_dir, dtype="float32")
+    before = {n: p.clone() for n, p in base.model.state_dict().items()}
+    assert fold_lora(base.model, folder) is False
+    assert all(torch.equal(p, before[n]) for n, p in base.model.state_dict().items())
+    config["use_dora"] = False
+    config_path.write_text(json.dumps(config))
+    assert fold_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), folder) is False  # none of its names
+    assert fold_lora(base.model, folder) is True
+    assert any(not torch.equal(p, before[n]) for n, p in base.model.state_dict().items())

@@ -86,6 +86,21 @@ def add_image_token(tokenizer, image_token: str) -> int:
     return ids[0]
 
 
+def grow_embeddings(lm, vocab_size: int) -> None:
+    """Resize the LM's embeddings to `vocab_size` (padded to 64); new rows are the mean of the old ones.
+
+    The mean, not a random draw: a base rebuilt from its parts (a portable adapter's) must come out the same every
+    time, and the image token's row is never an input (image features replace it)."""
+    old_rows = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        weight = lm.get_input_embeddings().weight
+        weight[old_rows:] = weight[:old_rows].mean(dim=0)
+        head = lm.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != weight.data_ptr():
+            head.weight[old_rows:] = head.weight[:old_rows].mean(dim=0)
+
+
 def build_processor(spec: VLMSpec, config: LlavaConfig, tokenizer, image_processor) -> LlavaProcessor:
     """A `LlavaProcessor` whose image-token count matches the model's features (pooling included)."""
     vision = config.vision_config
@@ -111,10 +126,10 @@ def build_processor(spec: VLMSpec, config: LlavaConfig, tokenizer, image_process
 def assemble(spec: VLMSpec, dtype: str | torch.dtype = "auto"):
     """Build (model, processor, spec) from parts; the LM and, if named, the vision checkpoint are loaded."""
     torch_dtype = resolve_dtype(dtype)
-    lm, tokenizer = load_causal_lm(spec.lm, dtype=torch.float32)
+    lm, tokenizer = load_causal_lm(spec.lm, dtype=torch_dtype)
     image_token_id = add_image_token(tokenizer, spec.image_token)
     if image_token_id >= lm.get_input_embeddings().weight.shape[0]:
-        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        grow_embeddings(lm, len(tokenizer))
     vision_config = vision_config_from_spec(spec.vision)
     is_clip = vision_config.model_type.startswith("clip")
     common = dict(
@@ -127,16 +142,24 @@ def assemble(spec: VLMSpec, dtype: str | torch.dtype = "auto"):
     )
     if spec.image_token_pooling > 1:
         config = ToolVLMConfig(image_token_pooling=spec.image_token_pooling, **common)
-        model = ToolVLMForConditionalGeneration(config)
+        model_class = ToolVLMForConditionalGeneration
     else:
         config = LlavaConfig(**common)
-        model = LlavaForConditionalGeneration(config)
+        model_class = LlavaForConditionalGeneration
     config.image_seq_length = image_tokens_per_image(config)
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    with torch.device("meta"):  # the shell only: its parts are put in below, nothing is initialised twice
+        model = model_class(config)
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    tower_class = type(model.model.vision_tower)
     if spec.vision.checkpoint:  # the vision model class reads a full CLIP/SigLIP checkpoint's vision half too
-        tower = type(model.model.vision_tower).from_pretrained(spec.vision.checkpoint, dtype=torch.float32)
-        model.model.vision_tower.load_state_dict(tower.state_dict())
+        model.model.vision_tower = tower_class.from_pretrained(spec.vision.checkpoint, dtype=torch.float32)
+    else:
+        model.model.vision_tower = tower_class(vision_config)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config)
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise RuntimeError(f"assembling the VLM left tensors without values: {empty[:5]}")
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

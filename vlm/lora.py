@@ -144,12 +144,63 @@ def _portable_base(folder: Path, dtype: str | torch.dtype):
     return build_vlm(spec, dtype=dtype)
 
 
+# adapter_config.json settings under which an adapter is plain LoRA (W + alpha/r B A, whole modules saved)
+_PLAIN_LORA = {
+    "peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_qalora": False,
+}  # fmt: skip
+_SAVED_PREFIX = "base_model.model."
+
+
+def fold_lora(model: torch.nn.Module, folder: str | Path) -> bool:
+    """Fold a plain LoRA adapter into `model`'s weights in place, without peft; False (model untouched) if the
+    adapter is not plain LoRA.
+
+    Inference needs no peft: W' = W + (alpha / r) B A for every adapted linear (alpha / sqrt(r) with rsLoRA),
+    and the fully trained modules (the projector) replace the base's. Importing peft costs seconds (it pulls in
+    bitsandbytes and torch.compile), a third of the default assistant's load time."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights_file = folder / "adapter_model.safetensors"
+    config = json.loads(Path(folder, "adapter_config.json").read_text())
+    if not weights_file.is_file() or any(config.get(k, v) != v for k, v in _PLAIN_LORA.items()):
+        return False
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(weights_file).items():
+        name = key.removeprefix(_SAVED_PREFIX)
+        for part in ("A", "B"):
+            if name.endswith(f".lora_{part}.weight"):
+                pairs.setdefault(name.removesuffix(f".lora_{part}.weight"), {})[part] = tensor
+                break
+        else:
+            whole[name] = tensor
+    plain = all(
+        set(pair) == {"A", "B"} and isinstance(modules.get(name), torch.nn.Linear)
+        for name, pair in pairs.items()
+    ) and all(name in params and params[name].shape == t.shape for name, t in whole.items())
+    if not plain:  # names this model does not have: leave it to peft, which says what is wrong
+        return False
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            weight = modules[name].weight
+            weight += (scale * (pair["B"].float() @ pair["A"].float())).to(weight.dtype)
+        for name, tensor in whole.items():
+            params[name].copy_(tensor)
+    logger.info("folded %d LoRA pairs and %d saved tensors from %s", len(pairs), len(whole), folder)
+    return True
+
+
 def load_adapter(
     folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
 ):
     """Load a saved adapter onto its base model; `merge=True` folds it into the base weights."""
-    from peft import PeftModel
-
     from .model import VLM, load_vlm
 
     folder = Path(folder)
@@ -165,9 +216,14 @@ def load_adapter(
         )
     else:
         base = load_vlm(base_path, dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(base.model, str(folder))
-    if merge:
-        model = model.merge_and_unload()
+    if merge and fold_lora(base.model, folder):
+        model = base.model
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base.model, str(folder))
+        if merge:
+            model = model.merge_and_unload()
     model.eval()
     vlm = VLM(model, base.processor, base.spec)
     vlm.source = base_path

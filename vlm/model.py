@@ -255,9 +255,13 @@ def _read_config(source: str) -> dict[str, Any]:
 
 
 def load_vlm(
-    source: str | Path | VLMSpec | dict, dtype: str | torch.dtype = "auto", device: str = "cpu"
+    source: str | Path | VLMSpec | dict,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    merge: bool = False,
 ) -> VLM:
-    """Load a VLM: a saved folder or hub id, a LoRA adapter folder, or a `VLMSpec` (or dict) to build."""
+    """Load a VLM: a saved folder or hub id, a LoRA adapter folder (`merge`: folded into the base, for
+    inference), or a `VLMSpec` (or dict) to build."""
     if isinstance(source, VLMSpec | dict):
         from .builder import build_vlm
 
@@ -266,7 +270,7 @@ def load_vlm(
     if Path(source, "adapter_config.json").is_file():
         from .lora import load_adapter
 
-        return load_adapter(source, dtype=dtype, device=device)
+        return load_adapter(source, dtype=dtype, device=device, merge=merge)
     config = _read_config(source)
     model_type = config.get("model_type")
     torch_dtype = resolve_dtype(dtype, device)
