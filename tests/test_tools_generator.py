@@ -161,3 +161,20 @@ def test_v_prediction_trains_on_the_velocity_and_survives_save_and_load(tmp_path
     assert loaded.generate(Layout(16, 16, [[2, 2, 8, 12]], ["person"]), steps=2).size == (16, 16)
     with pytest.raises(ValueError, match="prediction_type"):
         LayoutDiffusion.build(LayoutDiffusionConfig(prediction_type="x0"))
+
+
+def test_new_people_stand_below_the_horizon_and_are_taller_than_wide():
+    import random
+
+    from toolvlm.tools.layout import place_boxes
+
+    layout = Layout(512, 512)
+    place_boxes(layout, "person", 12, random.Random(0))
+    place_boxes(layout, "sun", 1, random.Random(0))
+    people = layout.boxes[:12]
+    assert all(b[3] - b[1] > b[2] - b[0] for b in people)
+    assert all(b[1] >= 0.45 * 512 - 1e-6 and b[3] <= 512 + 1e-6 for b in people)
+    assert layout.boxes[12][3] <= 0.3 * 512 + 1e-6  # the sun in the sky
+    place_boxes(layout, "kite", 1, random.Random(0))  # no prior: a square anywhere
+    kite = layout.boxes[13]
+    assert kite[2] - kite[0] == pytest.approx(kite[3] - kite[1])

@@ -79,20 +79,38 @@ def _overlap(a: list[float], b: list[float]) -> float:
     return max(0.0, w) * max(0.0, h)
 
 
+# Where a new object goes when the layout has none of its kind yet: (width, height) as fractions of the
+# canvas's smaller side, and the band of the canvas height its box lies in (people and trees stand on the
+# ground below the horizon, the sun and clouds are in the sky). Other labels: a square of 1/6 anywhere.
+SHAPE_PRIORS: dict[str, tuple[float, float, float, float]] = {
+    "person": (0.06, 0.16, 0.45, 1.0), "tree": (0.2, 0.3, 0.2, 0.75), "dog": (0.12, 0.08, 0.55, 1.0),
+    "car": (0.25, 0.12, 0.5, 1.0), "house": (0.22, 0.2, 0.25, 0.7), "bench": (0.14, 0.07, 0.5, 1.0),
+    "flower": (0.04, 0.06, 0.55, 1.0), "sun": (0.1, 0.1, 0.0, 0.3), "cloud": (0.2, 0.1, 0.0, 0.35),
+}  # fmt: skip
+
+
 def place_boxes(layout: Layout, label: str, n: int, rng: random.Random, candidates: int = 64) -> None:
-    """Add `n` boxes of `label` where they overlap existing boxes least."""
+    """Add `n` boxes of `label` where they overlap existing boxes least (sized like the label's boxes present,
+    else by `SHAPE_PRIORS`)."""
     same = [b for b, lab in zip(layout.boxes, layout.labels, strict=True) if lab == label]
+    side = min(layout.width, layout.height)
+    band = (0.0, 1.0)
     if same:
         bw = median(b[2] - b[0] for b in same)
         bh = median(b[3] - b[1] for b in same)
+    elif label in SHAPE_PRIORS:
+        fw, fh, *band = SHAPE_PRIORS[label]
+        bw, bh = fw * side, fh * side
     else:
-        bw = bh = min(layout.width, layout.height) / 6
+        bw = bh = side / 6
     bw, bh = min(bw, layout.width), min(bh, layout.height)
+    y_low = band[0] * layout.height
+    y_high = max(y_low, band[1] * layout.height - bh)
     for _ in range(n):
         best, best_cost = None, float("inf")
         for _ in range(candidates):
             x0 = rng.uniform(0, layout.width - bw)
-            y0 = rng.uniform(0, layout.height - bh)
+            y0 = rng.uniform(y_low, y_high)
             box = [x0, y0, x0 + bw, y0 + bh]
             cost = sum(_overlap(box, other) for other in layout.boxes)
             if cost < best_cost:
