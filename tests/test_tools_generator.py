@@ -90,6 +90,11 @@ def test_similar_image_doubles_people(scene, tiny_models):
     assert fewer.artifact["counts_after"]["person"] == before["person"] - 1
     bad = generator(image=reference, changes={"person": "lots"})
     assert bad.error and "'+3'" in bad.content
+    everything = generator(image=reference, changes={"people": 2.0}, seed=5)  # no objects: keep all it knows
+    assert not everything.error, everything.content
+    labels = set(everything.artifact["layout"]["labels"])
+    assert labels & {"tree", "dog"}, labels  # not asked for, kept (the tiny detector finds no people)
+    assert "person" not in everything.artifact["counts_before"]  # 'people' covers it: asked for once
 
 
 def test_similar_image_needs_grounding(scene, tiny_models):
@@ -175,6 +180,9 @@ def test_new_people_stand_below_the_horizon_and_are_taller_than_wide():
     assert all(b[3] - b[1] > b[2] - b[0] for b in people)
     assert all(b[1] >= 0.45 * 512 - 1e-6 and b[3] <= 512 + 1e-6 for b in people)
     assert layout.boxes[12][3] <= 0.3 * 512 + 1e-6  # the sun in the sky
+    place_boxes(layout, "person", 12, random.Random(1))  # more people: among the others, not in the sky
+    assert all(b[1] >= min(p[1] for p in people) - 1e-6 for b in layout.boxes[13:])
+    assert all(b[3] <= max(p[3] for p in people) + 1e-6 for b in layout.boxes[13:])
     place_boxes(layout, "kite", 1, random.Random(0))  # no prior: a square anywhere
-    kite = layout.boxes[13]
+    kite = layout.boxes[25]
     assert kite[2] - kite[0] == pytest.approx(kite[3] - kite[1])

@@ -32,7 +32,7 @@ class GeneratorTool(Tool):
         "Generate an image. Text-to-image: give 'prompt'. Layout-to-image: give 'boxes' [x0, y0, x1, y1] in "
         "pixels of the output and one phrase per box in 'phrases'. A similar image: give the reference 'image' "
         "and 'changes' in object counts, e.g. {\"person\": 2} doubles the people ('+3' adds three, '=10' sets "
-        "ten); other objects found in the reference are kept."
+        "ten); the other objects found in the reference are kept (only those in 'objects' when given)."
     )
     inputs = {
         "type": "object",
@@ -208,9 +208,13 @@ class GeneratorTool(Tool):
             )
         if any(not str(k).strip() for k in changes):
             raise ToolInputError('a change names no object; use e.g. {"person": 2}')
-        phrases = list(dict.fromkeys([*changes, *objects]))
-        if not phrases:
+        named = list(dict.fromkeys([*changes, *objects]))
+        if not named:
             raise ToolInputError('say what to change, e.g. changes={"person": 2}, or which objects to keep')
+        # without `objects`, the rest of the reference is kept: all the backend can draw, where it can say
+        known = [] if objects else self.backend.known_labels()
+        covered = {self.backend.canonical(p) for p in named} if known else set()
+        phrases = [*named, *(label for label in known if label not in covered)]
         found = self.grounding(image=reference, phrase="; ".join(phrases))
         if found.error:
             raise ToolInputError(found.content)
@@ -221,6 +225,7 @@ class GeneratorTool(Tool):
         canvas.labels = [self.backend.canonical(label) for label in canvas.labels]
         image = self.backend.layout(prompt, canvas, seed, steps)
         counts_before, counts_after = before.counts(), edited.counts()
+        phrases = [p for p in phrases if p in named or counts_before.get(p)]  # what was asked or found
         summary = ", ".join(f"{k} {counts_before.get(k, 0)} -> {counts_after.get(k, 0)}" for k in phrases)
         info = {
             "mode": "similar",

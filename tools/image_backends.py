@@ -68,6 +68,10 @@ class ImageBackend:
         """The label as the backend names it (identity except for the in-house model)."""
         return label
 
+    def known_labels(self) -> list[str]:
+        """Every label the backend can draw, when it has a closed list (the in-house model); else none."""
+        return []
+
     def _generator(self, seed: int) -> Any:
         import torch
 
@@ -170,6 +174,11 @@ class InhouseBackend(ImageBackend):
     def canonical(self, label: str) -> str:
         """The category a phrase names."""
         return self.pipe.category_of(label)
+
+    def known_labels(self) -> list[str]:
+        """The model's categories."""
+        self.load()
+        return list(self.pipe.config.categories)
 
     def text(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:
         """A random layout of the categories the prompt names, then layout-to-image."""

@@ -90,14 +90,15 @@ SHAPE_PRIORS: dict[str, tuple[float, float, float, float]] = {
 
 
 def place_boxes(layout: Layout, label: str, n: int, rng: random.Random, candidates: int = 64) -> None:
-    """Add `n` boxes of `label` where they overlap existing boxes least (sized like the label's boxes present,
-    else by `SHAPE_PRIORS`)."""
+    """Add `n` boxes of `label` where they overlap existing boxes least (sized and placed like the label's boxes
+    present, else by `SHAPE_PRIORS`)."""
     same = [b for b, lab in zip(layout.boxes, layout.labels, strict=True) if lab == label]
     side = min(layout.width, layout.height)
     band = (0.0, 1.0)
-    if same:
+    if same:  # sized like them, in the band of heights they occupy (a crowd grows on its ground, not the sky)
         bw = median(b[2] - b[0] for b in same)
         bh = median(b[3] - b[1] for b in same)
+        band = (min(b[1] for b in same) / layout.height, max(b[3] for b in same) / layout.height)
     elif label in SHAPE_PRIORS:
         fw, fh, *band = SHAPE_PRIORS[label]
         bw, bh = fw * side, fh * side
