@@ -246,6 +246,7 @@ def summarize(
         return round(sum(values) / len(values), 4) if values else None
 
     with_calls = [r for r in results if r["task"] not in ("describe", "caption", "vqa")]
+    counts = [r for r in results if r["task"] == "count"]
     report: dict[str, Any] = {
         "n": len(results),
         "SR_act": mean([float(r["act"]) for r in results]),
@@ -255,8 +256,8 @@ def summarize(
         "grounding_iou50": mean([r["iou50"] for r in results if "iou50" in r]),
         "count_exact": mean([float(r["count_exact"]) for r in results if "count_exact" in r]),
         # the targets' split: exact for counts up to 30, within 10% for crowds above
-        "count_exact_le30": mean([float(r["count_exact"]) for r in results if r.get("count", 99) <= 30]),
-        "count_within10_gt30": mean([float(r["count_within10"]) for r in results if r.get("count", 0) > 30]),
+        "count_exact_le30": mean([float(r["count_exact"]) for r in counts if r["count"] <= 30]),
+        "count_within10_gt30": mean([float(r["count_within10"]) for r in counts if r["count"] > 30]),
         "vqa_accuracy": mean([float(r["vqa"]) for r in results if "vqa" in r]),
         "generate_ok": mean([float(r["generate_ok"]) for r in results if "generate_ok" in r]),
         "by_task": {

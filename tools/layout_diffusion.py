@@ -1,7 +1,8 @@
 """The in-house generator: a small pixel-space diffusion model conditioned on a layout.
 
 Model: a diffusers `UNet2DModel` on `image_size` x `image_size` RGB pixels, predicting the noise (epsilon) or
-the velocity v = sqrt(a) eps - sqrt(1 - a) x0 (`prediction_type`, the scheduler's setting), with `3 + C` input channels: the noisy image, concatenated with C layout channels, C = K + 1 for K categories.
+the velocity v = sqrt(a) eps - sqrt(1 - a) x0 (`prediction_type`, the scheduler's setting), with `3 + C` input
+channels: the noisy image, concatenated with C layout channels, C = K + 1 for K categories.
 
 Layout conditioning (rasterised on the model's square canvas; a layout of another size is scaled to it):
 - channel k < K: 1 inside every box of category k (the union of its boxes), 0 elsewhere;
