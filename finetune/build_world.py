@@ -8,7 +8,10 @@ Each scene becomes one conversation of 1-3 user turns, each turn one task:
 - `ground_all`: "box all the dogs" -> grounding call -> every box;
 - `count`: "how many people are there?" -> counter call -> the number;
 - `generate`: "a similar image with double the people" -> counter -> generator with changes -> counter on the
-  new image to verify -> the answer with both counts.
+  new image to verify -> the answer with both counts (requests stay within the world's crowds of up to 60).
+
+Answers with numbers or boxes copy what the tools reported. With `count_noise`, the oracle tools sometimes
+miscount a group by a few, as real detectors do, so the controller learns to report the tools' figures.
 
 The conversations are made by running the real agent loop (`toolvlm.agent`) with the controller's replies
 scripted and the oracle tools of `world_oracle` (the real tool classes answering from the annotations), so tool
@@ -47,21 +50,26 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     "describe": {
         "train": ["What do you see in the image?", "Describe this picture.", "What is in this image?",
                   "Can you describe what the image shows?", "Tell me what you see.",
-                  "Describe the scene in detail.", "What does this photo show?", "Give me a description of the image."],
+                  "Describe the scene in detail.", "What does this photo show?", "Give me a description of the image.",
+                  "What's going on in this picture?", "Tell me about this image.", "What is shown here?",
+                  "Walk me through the picture."],
         "heldout": ["What can you see here?", "Please describe the image for me.", "Explain what is in the picture."],
     },
     "caption": {
         "train": ["Describe the image in one sentence.", "Write a short caption for this image.",
-                  "Caption this picture.", "Give me a one-line summary of the image."],
+                  "Caption this picture.", "Give me a one-line summary of the image.", "Give this image a caption.",
+                  "Sum up the image in one sentence.", "Write a one-sentence description of the picture."],
         "heldout": ["Summarise the picture in a single sentence.", "What would be a good caption for this?"],
     },
     "exists": {
         "train": ["Is there a {x} in the picture?", "Do you see a {x}?", "Is there any {x} in this image?",
-                  "Does the image contain a {x}?"],
+                  "Does the image contain a {x}?", "Can you see a {x}?", "Is there a {x} somewhere in the image?",
+                  "Do you notice a {x} in the picture?"],
         "heldout": ["Can you spot a {x} anywhere?", "Is a {x} visible in the image?"],
     },
     "colour": {
-        "train": ["What colour is the {x}?", "What color is the {x}?", "Which colour does the {x} have?"],
+        "train": ["What colour is the {x}?", "What color is the {x}?", "Which colour does the {x} have?",
+                  "What's the colour of the {x}?", "Which color is the {x}?"],
         "heldout": ["Tell me the colour of the {x}.", "The {x} is what colour?"],
     },
     "ground": {
@@ -79,14 +87,16 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     "count": {
         "train": ["How many {x} are there?", "Estimate the number of {x} in the image.", "Count the {x}.",
                   "How many {x} can you see?", "What is the number of {x}?", "Count how many {x} there are.",
-                  "Tell me how many {x} are in the picture."],
+                  "Tell me how many {x} are in the picture.", "How many {x} do you see?",
+                  "Give me the number of {x}."],
         "heldout": ["How many {x} does the image show?", "Give me a count of the {x}.",
                     "I'd like to know the number of {x} here."],
     },
     "generate": {
         "train": ["Generate a similar image with {c}.", "Make a similar picture with {c}.",
                   "Create an image like this one but with {c}.", "Can you generate a version with {c}?",
-                  "Draw a similar scene with {c}."],
+                  "Draw a similar scene with {c}.", "Show me a similar image with {c}.",
+                  "Make another version of this picture with {c}."],
         "heldout": ["Produce a picture similar to this one with {c}.", "Render a variant of this image with {c}."],
     },
 }  # fmt: skip
@@ -96,6 +106,7 @@ CHANGES: dict[str, list[tuple[Any, str]]] = {
               (0.5, "half the {x}"), ("+{n}", "{n} more {x}"), ("-{n}", "{n} fewer {x}"), ("={n}", "exactly {n} {x}")],
     "heldout": [(2, "double the {x}"), (3, "triple the number of {x}"), ("+{n}", "an extra {n} {x}")],
 }  # fmt: skip
+MAX_COUNT = 60  # the most objects of a category a request may ask for (the world draws crowds of up to 60)
 YES_NO_CATEGORIES = (
     "dog",
     "tree",
@@ -110,6 +121,8 @@ YES_NO_CATEGORIES = (
     "sun",
 )
 NEW_IMAGE = re.compile(r"New images: (img_\d+)")
+COUNT_TEXT = re.compile(r"about (\d+) instance")
+BOX_TEXT = re.compile(r"\[\d+(?:\.\d+)?(?:, \d+(?:\.\d+)?){3}\]")
 
 
 @dataclass
@@ -127,6 +140,7 @@ class WorldDataConfig:
     tools: list[str] = field(default_factory=lambda: list(TOOLSET))
     prompts: str = "agent"
     tool_images: bool = True  # show the images tools make (the agent option of that name must match)
+    count_noise: float = 0.0  # chance that a group's boxes come back a few off (answers copy the tools)
 
 
 @dataclass
@@ -163,6 +177,13 @@ def last_new_image(messages: list[dict[str, Any]]) -> str:
             if found:
                 return found.group(1)
     raise ValueError("no tool has made an image yet")
+
+
+def tool_count(text: str, default: int) -> int:
+    """The number a counter's result text reports ('about 12 instance(s) of ...'); `default` for another text
+    (a scripted reply replayed after the wrong tool)."""
+    found = COUNT_TEXT.search(text)
+    return int(found.group(1)) if found else default
 
 
 def _last_tool_text(messages: list[dict[str, Any]]) -> str:
@@ -255,8 +276,14 @@ class Planner:
         args = {"image": "img_0", "phrase": category}
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
-            listed = ", ".join(_box_text(b) for b in boxes)
-            return f"I found {len(boxes)} {plural(category)}: {listed} (drawn in {last_new_image(messages)})."
+            text = _last_tool_text(messages)  # what the tool saw, right or not
+            total = re.search(r"found (\d+) box", text)
+            if total is None:
+                return f"I found no {plural(category)}."
+            listed = ", ".join(m.group(0) for m in BOX_TEXT.finditer(text))
+            k = int(total.group(1))
+            found = f"{k} {category if k == 1 else plural(category)}"
+            return f"I found {found}: {listed} (drawn in {last_new_image(messages)})."
 
         text = self.template("ground_all", x=plural(category))
         return Turn("ground_all", text, [call("grounding", **args), final],
@@ -272,8 +299,13 @@ class Planner:
         n = self.counts[category]
         args = {"image": "img_0", "phrase": category}
         words = plural(category)
-        answer = f"There are {n} {words}." if n != 1 else f"There is 1 {category}."
-        answer = f"There are no {words}." if n == 0 else answer
+
+        def answer(messages: list[dict[str, Any]], _images: list[Any]) -> str:
+            said = tool_count(_last_tool_text(messages), n)  # the counter's number, right or not
+            if said == 0:
+                return f"There are no {words}."
+            return f"There is 1 {category}." if said == 1 else f"There are {said} {words}."
+
         return Turn("count", self.template("count", x=words), [call("counter", **args), answer],
                     [{"name": "counter", "arguments": args}], {"count": n, "phrase": category})  # fmt: skip
 
@@ -291,22 +323,25 @@ class Planner:
             value = value.format(n=k)
         if (isinstance(value, str) and value.startswith("-") and k >= n) or (value == 0.5 and n < 2):
             value, words = 2, CHANGES[self.phrasing][0][1]
+        if target_count(value, n) > MAX_COUNT:  # beyond the world's crowds: a few more instead
+            value, words = next((f"+{k}", w) for v, w in CHANGES[self.phrasing] if v == "+{n}")
         change_text = words.format(x=plural(category), n=k)
         first = {"image": "img_0", "phrase": category}
         gen_args = {"image": "img_0", "changes": {category: value}}
+        target = target_count(value, n)
 
         def verify(messages: list[dict[str, Any]], _images: list[Any]) -> str:
             return call("counter", image=last_new_image(messages), phrase=category)
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
-            got = re.search(r"about (\d+) instance", _last_tool_text(messages))
-            new = int(got.group(1)) if got else "?"
+            counted = [m for m in messages if m["role"] == "tool" and COUNT_TEXT.search(_text(m))]
+            before, after = ([n, target] + [tool_count(_text(m), 0) for m in counted])[
+                -2:
+            ]  # as the tool said
             generated = _second_last_new_image(messages)
-            return (
-                f"Here is a similar image with {new} {plural(category)} ({generated}); the original has {n}."
-            )
+            new = f"{after} {plural(category)} ({generated})"
+            return f"Here is a similar image with {new}; the original has {before}."
 
-        target = target_count(value, n)
         return Turn("generate", self.template("generate", c=change_text),
                     [call("counter", **first), call("generator", **gen_args), verify, final],
                     [{"name": "counter", "arguments": first}],
@@ -400,7 +435,8 @@ def world_example(index: int, config: WorldDataConfig, system: str | None = None
     scene = sample_scene(seed)
     rng = random.Random(seed)
     turns = plan_conversation(scene, rng, config.phrasing, config.task_weights, config.max_turns)
-    messages, images = run_conversation(scene, turns, system=system, tool_images=config.tool_images)
+    oracle = WorldOracle(config.count_noise, seed)
+    messages, images = run_conversation(scene, turns, oracle, system, config.tool_images)
     meta = {
         "source": "world",
         "seed": seed,

@@ -27,6 +27,7 @@ from collections import defaultdict
 from typing import Any
 
 from toolvlm.finetune.build_world import TASKS, Planner, Turn
+from toolvlm.finetune.eval_world import f1
 from toolvlm.finetune.world import Scene, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
 from toolvlm.finetune.world_scene import CATEGORIES
@@ -71,17 +72,6 @@ def mentioned_categories(text: str) -> set[str]:
     """The world categories a text names (singular or plural, whole words)."""
     text = text.lower().replace("sunny", "sun")
     return {c for c in CATEGORIES if re.search(rf"\b({re.escape(c)}|{re.escape(plural(c))})\b", text)}
-
-
-def f1(predicted: set[str], truth: set[str]) -> float:
-    """F1 of two sets (1.0 when both are empty)."""
-    if not predicted and not truth:
-        return 1.0
-    hits = len(predicted & truth)
-    if not hits:
-        return 0.0
-    precision, recall = hits / len(predicted), hits / len(truth)
-    return 2 * precision * recall / (precision + recall)
 
 
 def answer_number(text: str) -> int | None:

@@ -3,7 +3,8 @@
 `WorldOracle` remembers which world scene each image shows (by a hash of its pixels). Its detector answers a
 phrase with the exact boxes of the objects the phrase names, and its image backend draws a "similar image" by
 rendering the edited layout with the world renderer, registering the new scene so that a later count on the
-generated image is exact too. Because the tools are `GroundingTool`, `CounterTool` and `GeneratorTool`
+generated image is exact too (or, with `count_noise`, sometimes off by a few, as a real detector is, so that
+a controller trained on these conversations learns to report what the tools said rather than guess). Because the tools are `GroundingTool`, `CounterTool` and `GeneratorTool`
 themselves, their texts, drawn images and artifacts are exactly what the real tools give the controller: the
 data builders and the controller evaluation need no tool weights.
 
@@ -12,6 +13,7 @@ It knows world scenes and the tool classes; not conversations, models or trainin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -73,7 +75,10 @@ def phrase_targets(scene: Scene, phrase: str) -> list[int]:
 class WorldOracle:
     """Scenes by image content, with the detector and image backend that answer from them."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_noise: float = 0.0, seed: int = 0) -> None:
+        if not 0.0 <= count_noise <= 1.0:
+            raise ValueError(f"count_noise is a probability, got {count_noise}")
+        self.count_noise, self.seed = count_noise, seed
         self.scenes: dict[str, Scene] = {}
         self.last_scene: Scene | None = (
             None  # the scene the detector last looked at (a generator's reference)
@@ -123,11 +128,20 @@ class OracleDetector(Detector):
             logger.warning("oracle detector: an image of no known world scene; no boxes")
             return []
         self.oracle.last_scene = scene
-        return [
-            Detection([float(v) for v in scene.objects[i].box], ORACLE_SCORE, phrase)
-            for phrase in phrases
-            for i in phrase_targets(scene, phrase)
-        ]
+        key = image_key(image.convert("RGB"))
+        return [det for phrase in phrases for det in self._detect_one(scene, phrase, key)]
+
+    def _detect_one(self, scene: Scene, phrase: str, key: str) -> list[Detection]:
+        """The phrase's exact boxes; with the oracle's `count_noise`, a group of 2+ sometimes loses or gains a
+        few (the same answer every time this image is asked for this phrase)."""
+        boxes = [[float(v) for v in scene.objects[i].box] for i in phrase_targets(scene, phrase)]
+        noise = self.oracle.count_noise
+        if noise and len(boxes) >= 2:  # a group (a referring expression names one object)
+            digest = hashlib.sha256(f"{self.oracle.seed}|{key}|{normalize_phrase(phrase)}".encode()).digest()
+            rng = random.Random(int.from_bytes(digest[:8], "big"))
+            if rng.random() < noise:
+                boxes = _perturbed(boxes, rng, scene.width, scene.height)
+        return [Detection(box, ORACLE_SCORE, phrase) for box in boxes]
 
 
 class OracleBackend(ImageBackend):
@@ -192,6 +206,21 @@ class OracleBackend(ImageBackend):
 
     def _last_reference(self, layout: Layout) -> Scene:
         return self.oracle.last_scene or Scene(layout.width, layout.height)
+
+
+def _perturbed(boxes: list[list[float]], rng: random.Random, width: int, height: int) -> list[list[float]]:
+    """`boxes` with 1..(10% + 1) of them dropped, or as many shifted copies added (a detector's miscount)."""
+    k = rng.randint(1, max(1, round(0.1 * len(boxes))) + 1)
+    if rng.random() < 0.5 and k < len(boxes):
+        dropped = set(rng.sample(range(len(boxes)), k))
+        return [b for i, b in enumerate(boxes) if i not in dropped]
+    extra = []
+    for box in rng.sample(boxes, min(k, len(boxes))):
+        w, h = box[2] - box[0], box[3] - box[1]
+        dx = min(max(rng.uniform(-w, w), -box[0]), width - box[2])
+        dy = min(max(rng.uniform(-0.3 * h, 0.3 * h), -box[1]), height - box[3])
+        extra.append([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy])
+    return boxes + extra
 
 
 def _scaled(box: list[int], sx: float, sy: float) -> list[int]:

@@ -301,9 +301,11 @@ def _sentence_for(scene: Scene, cat: str, objs: list[Object]) -> str:
     if cat == "person" and n > 3:
         sizes = sorted(o.height for o in objs)
         depth = " Some stand close, others far away and small." if sizes[-1] > 2 * sizes[0] else ""
-        return f"{count_phrase(n, 'person', 'people').capitalize()} stand on the grass in {_join(colours)} shirts.{depth}"
+        shirts = f"{_join(colours)} shirts" if len(colours) <= 3 else "shirts of many colours"
+        return f"{count_phrase(n, 'person', 'people').capitalize()} stand on the grass in {shirts}.{depth}"
     if n > 3:
         tail = f" in {_join(colours)}" if colours else ""
+        tail = " in many colours" if len(colours) > 3 else tail
         return f"There are {count_phrase(n, cat, plural(cat))}{tail}."
     out = []
     for o in sorted(objs, key=lambda o: o.cx):

@@ -125,3 +125,53 @@ def test_coco_annotations_become_grounding_and_counting_conversations(tmp_path):
     assert {"boxes": [[50, 30, 70, 45]], "phrase": "dog"} in [t["truth"] for t in a.meta["turns"]] or any(
         t["truth"]["phrase"] == "person" for t in a.meta["turns"]
     )
+
+
+def test_noisy_tools_miscount_groups_and_the_answers_report_what_the_tools_said():
+    config = WorldDataConfig(task_weights={"count": 1, "generate": 1, "refer": 1}, count_noise=1.0)
+    off = 0
+    for i in range(25):
+        example = world_example(i, config)
+        messages = example.messages
+        said: list[int] = []  # the counts the counter reported in this turn
+        for m in messages:
+            if m["role"] == "user":
+                said = []
+            elif m["role"] == "tool" and "instance(s)" in _tool_text(m):
+                said.append(int(re.search(r"about (\d+) instance", _tool_text(m)).group(1)))
+            elif m["role"] == "assistant" and "<tool_call>" not in m["content"] and said:
+                numbers = [int(n) for n in re.findall(r"\b\d+\b", re.sub(r"img_\d+", "", m["content"]))]
+                assert numbers == said[::-1] or numbers == said or (said == [0] and "no" in m["content"]), (
+                    m["content"], said)  # fmt: skip
+        for turn in example.meta["turns"]:
+            if turn["task"] == "count" and turn["truth"]["count"] >= 2:
+                counted = [_tool_text(m) for m in messages if m["role"] == "tool"]
+                off += not any(f"about {turn['truth']['count']} instance(s)" in t for t in counted)
+            if turn["task"] == "refer":  # one object: never perturbed
+                texts = [
+                    _tool_text(m) for m in messages if m["role"] == "tool" and "box(es)" in _tool_text(m)
+                ]
+                assert any(str(turn["truth"]["boxes"][0]) in t for t in texts)
+    assert off >= 3  # groups did come back miscounted
+
+
+def test_noisy_oracle_gives_the_same_answer_for_the_same_image_and_phrase():
+    from toolvlm.finetune.world import sample_scene
+
+    scene = next(s for s in map(sample_scene, range(100)) if s.counts().get("person", 0) >= 10)
+    oracle = WorldOracle(count_noise=1.0, seed=5)
+    image = oracle.render(scene)
+    detector = oracle.tools()["grounding"].detector
+    first = detector.detect(image, ["person"], 0.2)
+    assert [d.box for d in detector.detect(image, ["person"], 0.2)] == [d.box for d in first]
+    assert len(first) != scene.counts()["person"]
+    assert all(0 <= v <= 224 for d in first for v in d.box)
+    exact = WorldOracle().tools()["grounding"].detector
+    WorldOracle.register(exact.oracle, image, scene)
+    assert len(exact.detect(image, ["person"], 0.2)) == scene.counts()["person"]
+
+
+def test_generation_requests_stay_within_the_worlds_crowds():
+    config = WorldDataConfig(task_weights={"generate": 1}, max_turns=1, phrasing="heldout")
+    targets = [t["truth"]["target"] for i in range(60) for t in world_example(i, config).meta["turns"]]
+    assert len(targets) >= 30 and max(targets) <= 65  # at most 60, or a few more than a crowd near 60
