@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toolvlm.finetune.train_world import run_stage
-from toolvlm.finetune.world import render_scene, sample_scene
+from toolvlm.finetune.world import CATEGORIES, render_scene, sample_scene
 from toolvlm.tools.registry import build_tools
 
 TINY_TOWERS = [
@@ -131,7 +131,9 @@ def test_eval_world_models_runs_on_tiny_checkpoints(
     assert {"ap50_category", "ap50_colour", "referring_accuracy"} <= set(results["grounding"])
     assert "exact_upto_30" in results["counting"]
     assert 0 <= results["captioner"]["object_f1"] <= 1
-    assert results["generator"]["n"] == 1
+    generator = results["generator"]
+    assert generator["n"] == 1 and 0 <= generator["reference_agreement"] <= 1
+    assert set(generator["per_category"]) <= set(CATEGORIES) and generator["per_category"]
     assert results["skipped"] == {}
 
 
