@@ -334,10 +334,12 @@ class Planner:
             return call("counter", image=last_new_image(messages), phrase=category)
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
-            counted = [m for m in messages if m["role"] == "tool" and COUNT_TEXT.search(_text(m))]
-            before, after = ([n, target] + [tool_count(_text(m), 0) for m in counted])[
-                -2:
-            ]  # as the tool said
+            said = [
+                tool_count(_text(m), 0)
+                for m in messages
+                if m["role"] == "tool" and COUNT_TEXT.search(_text(m))
+            ]
+            before, after = ([n, target] + said)[-2:]  # the counter's two numbers, right or not
             generated = _second_last_new_image(messages)
             new = f"{after} {plural(category)} ({generated})"
             return f"Here is a similar image with {new}; the original has {before}."

@@ -4,9 +4,10 @@
 phrase with the exact boxes of the objects the phrase names, and its image backend draws a "similar image" by
 rendering the edited layout with the world renderer, registering the new scene so that a later count on the
 generated image is exact too (or, with `count_noise`, sometimes off by a few, as a real detector is, so that
-a controller trained on these conversations learns to report what the tools said rather than guess). Because the tools are `GroundingTool`, `CounterTool` and `GeneratorTool`
-themselves, their texts, drawn images and artifacts are exactly what the real tools give the controller: the
-data builders and the controller evaluation need no tool weights.
+a controller trained on these conversations learns to report what the tools said rather than guess). Because
+the tools are `GroundingTool`, `CounterTool` and `GeneratorTool` themselves, their texts, drawn images and
+artifacts are exactly what the real tools give the controller: the data builders and the controller evaluation
+need no tool weights.
 
 It knows world scenes and the tool classes; not conversations, models or training.
 """
