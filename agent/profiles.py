@@ -96,7 +96,8 @@ def find_profile(name_or_path: str | Path) -> Path:
 
 
 def load_profile(source: str | Path | dict | Profile) -> Profile:
-    """A profile from a path, a name, a mapping or a Profile."""
+    """A profile from a path, a name, a mapping or a Profile; a file's relative `model:` paths that exist beside
+    it are taken relative to its folder (a copied bundle's profile.yaml works where it lies)."""
     if isinstance(source, Profile):
         return source
     if isinstance(source, dict):
@@ -106,7 +107,7 @@ def load_profile(source: str | Path | dict | Profile) -> Profile:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ProfileError(f"profile {path}: not valid YAML: {err}") from None
-    return Profile.from_dict(data, str(path))
+    return _resolve_models(Profile.from_dict(data, str(path)), path.parent)
 
 
 def default_profile() -> Profile:

@@ -90,3 +90,16 @@ def test_default_profile_from_the_bundle(tmp_path, monkeypatch):
     shipped = default_profile()
     assert shipped.controller["model"] == str(tmp_path / "controller")
     assert shipped.tools["grounding"]["model"] == str(tmp_path / "detector")
+
+
+def test_a_profile_files_relative_models_are_taken_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")  # not the profile's folder
+    (tmp_path / "detector").mkdir()
+    (tmp_path / "p.yaml").write_text(
+        "controller: {backend: local, model: controller}\n"
+        "tools: {grounding: {backend: inhouse, model: detector}, captioner: {backend: blip, model: org/blip}}\n"
+    )
+    profile = load_profile(tmp_path / "p.yaml")
+    assert profile.tools["grounding"]["model"] == str(tmp_path / "detector")
+    assert profile.tools["captioner"]["model"] == "org/blip"  # a hub id: nothing of that name beside it
+    assert profile.controller["model"] == "controller"  # absent beside it: left as written
