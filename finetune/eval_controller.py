@@ -46,18 +46,23 @@ HANDLE = re.compile(r"\bimg_\d+\b")
 NUMBER_WORDS = {"zero": 0, **{w: i for i, w in enumerate(WORLD_NUMBER_WORDS[1:13], 1)}}
 
 
-def plan_eval(n: int, seed: int = EVAL_SEED, phrasing: str = "heldout") -> list[tuple[Scene, Turn]]:
-    """n (scene, turn) pairs cycling through the tasks; deterministic in `seed`."""
+def plan_eval(
+    n: int, seed: int = EVAL_SEED, phrasing: str = "heldout", tasks: tuple[str, ...] = TASKS
+) -> list[tuple[Scene, Turn]]:
+    """n (scene, turn) pairs cycling through `tasks`; deterministic in `seed`."""
     import random
 
+    unknown = set(tasks) - set(TASKS)
+    if unknown or not tasks:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; tasks are {', '.join(TASKS)}")
     out = []
     i = 0
     while len(out) < n:
         scene_index = scene_seed(seed, i)
         scene = sample_scene(scene_index)
         planner = Planner(scene, random.Random(scene_index), phrasing)
-        for k in range(len(TASKS)):
-            turn = planner.plan(TASKS[(len(out) + k) % len(TASKS)])
+        for k in range(len(tasks)):
+            turn = planner.plan(tasks[(len(out) + k) % len(tasks)])
             if turn is not None:
                 out.append((scene, turn))
                 break
@@ -136,6 +141,7 @@ def score_turn(turn: Turn, steps: list[Any], answer: str, count_image: Any) -> d
     args = act and (not expected or arguments_match(first_calls[0], expected[0]))
     truth, task = turn.truth, turn.task
     out: dict[str, Any] = {"task": task, "act": act, "args": args, "answer": answer[:400]}
+    out["calls"] = [{"name": c.name, "arguments": c.arguments} for r in replies for c in r.calls]
     if task in ("describe", "caption"):
         out["f1"] = f1(mentioned_categories(answer), set(truth["categories"]))
         ok = out["f1"] >= 0.85
@@ -186,8 +192,10 @@ def evaluate_controller(
     phrasing: str = "heldout",
     tools: dict[str, Any] | None = None,
     agent_options: dict[str, Any] | None = None,
+    tasks: tuple[str, ...] = TASKS,
 ) -> dict[str, Any]:
-    """Scores of a controller (a VLM, a controller, or an Assistant with its tools) on n held-out turns."""
+    """Scores of a controller (a VLM, a controller, or an Assistant with its tools) on n held-out turns of
+    `tasks`."""
     from toolvlm.agent.loop import Agent, AgentConfig
 
     controller, own_tools = _controller_and_tools(vlm_or_assistant)
@@ -208,7 +216,7 @@ def evaluate_controller(
         return None
 
     results, seconds = [], defaultdict(list)
-    for scene, turn in plan_eval(n, seed, phrasing):
+    for scene, turn in plan_eval(n, seed, phrasing, tasks):
         image = oracle.render(scene)
         reset = getattr(controller, "reset", None)
         if reset is not None:
@@ -279,6 +287,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="scene seed of the held-out set")
     parser.add_argument("--phrasing", choices=("heldout", "train"), default="heldout")
     parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated tasks to run (default all: {','.join(TASKS)})",
+    )
+    parser.add_argument(
         "--constrained",
         action="store_true",
         help="constrained decoding of tool calls (a profile may turn it on itself)",
@@ -329,8 +342,12 @@ def run(args: argparse.Namespace) -> int:
         from toolvlm.vlm import load_vlm
 
         target = load_vlm(args.model, dtype=args.dtype, merge=True)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if set(tasks) - set(TASKS) or not tasks:
+        print(f"toolvlm eval controller: --tasks takes some of {', '.join(TASKS)}", file=sys.stderr)
+        return 2
     report = evaluate_controller(
-        target, n=args.n, seed=args.seed, phrasing=args.phrasing, agent_options=options
+        target, n=args.n, seed=args.seed, phrasing=args.phrasing, agent_options=options, tasks=tasks
     )
     report["notes"] = notes + report["notes"]
     if args.json:

@@ -75,6 +75,7 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run} has no adapter/ (a finished stage-2 run)")
     spec = base_spec(run)
+    check_vision(Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"]), vision)
     spec.vision.checkpoint = CONTROLLER_VISION
     if out.exists():
         shutil.rmtree(out)
@@ -83,6 +84,27 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     half_safetensors(out / "adapter_model.safetensors")
     make_portable(out, spec)
     shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
+
+
+def check_vision(base: Path, vision: Path, tolerance: float = 0.02) -> None:
+    """Raise unless the vision folder holds the tower inside the saved stage-1 model `base` (up to dtype
+    rounding): a stage-1 spec names a folder that later training (the detector's) may have overwritten."""
+    from safetensors import safe_open
+
+    with (
+        safe_open(str(base / "model.safetensors"), "pt") as trained,
+        safe_open(str(vision / "model.safetensors"), "pt") as given,
+    ):
+        names = {k.split("vision_tower.", 1)[1]: k for k in trained.keys() if "vision_tower." in k}  # noqa: SIM118
+        if not names or set(names) != set(given.keys()):
+            raise ValueError(f"{vision} does not hold the vision tower of {base} (other parameter names)")
+        for name, key in names.items():
+            a, b = trained.get_tensor(key).float(), given.get_tensor(name).float()
+            if a.shape != b.shape or (a - b).abs().max() > tolerance * (a.abs().max() + 1e-6):
+                raise ValueError(
+                    f"{vision} is not the vision tower {base} was trained with ({name} differs): it changed "
+                    "since; pass the folder of the tower used (--controller-vision)"
+                )
 
 
 def stage1_vision(run: Path) -> Path:

@@ -35,6 +35,15 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     )
 
     bundle = tmp_path / "bundle"
+    other = build_vlm(
+        spec, dtype="float32"
+    ).model.model.vision_tower  # another tower saved where stage 1's was
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn_like(param))
+    other.save_pretrained(tmp_path / "other_vision")
+    with pytest.raises(ValueError, match="not the vision tower"):
+        export_bundle({"controller": run}, bundle, controller_vision=tmp_path / "other_vision")
     export_bundle({"controller": run}, bundle)
     (tmp_path / "vision" / "model.safetensors").unlink()  # the bundle has its own copy
     controller = bundle / "controller"
@@ -45,7 +54,7 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     reloaded = load_vlm(controller, dtype="float32")
     assert reloaded.generate(messages, images, max_new_tokens=8) == expected
     profile = load_profile(bundle / "profile.yaml")
-    assert profile.controller["model"] == "controller" and profile.agent["prompts"] == "compact"
+    assert profile.controller["model"] == str(controller) and profile.agent["prompts"] == "compact"
 
 
 def test_unknown_part_is_an_error(tmp_path):

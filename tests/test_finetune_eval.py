@@ -85,3 +85,15 @@ def test_eval_cli_runs_a_saved_tiny_controller(tmp_path, tiny_lm_dir, capsys):  
     assert eval_controller.run(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 2 and 0.0 <= report["SR_act"] <= 1.0
+
+
+def test_a_subset_of_tasks_is_evaluated_and_each_turns_calls_are_kept():
+    planned = plan_eval(4, tasks=("count", "generate"))
+    assert [turn.task for _, turn in planned] == ["count", "generate", "count", "generate"]
+    scripted = ScriptedController([r for _, turn in planned for r in turn.replies])
+    report = evaluate_controller(scripted, n=4, tasks=("count", "generate"))
+    assert set(report["by_task"]) == {"count", "generate"} and report["SR"] == 1.0
+    generate = next(t for t in report["turns"] if t["task"] == "generate")
+    assert [c["name"] for c in generate["calls"]] == ["counter", "generator", "counter"]
+    with pytest.raises(ValueError, match="unknown tasks"):
+        plan_eval(2, tasks=("dance",))
