@@ -121,7 +121,8 @@ YES_NO_CATEGORIES = (
     "sun",
 )
 NEW_IMAGE = re.compile(r"New images: (img_\d+)")
-COUNT_TEXT = re.compile(r"about (\d+) instance")
+COUNT_TEXT = re.compile(r"about (\d+) instance")  # a counter's result
+FOUND_TEXT = re.compile(r"found (\d+) box")  # a grounding result
 BOX_TEXT = re.compile(r"\[\d+(?:\.\d+)?(?:, \d+(?:\.\d+)?){3}\]")
 
 
@@ -277,7 +278,7 @@ class Planner:
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
             text = _last_tool_text(messages)  # what the tool saw, right or not
-            total = re.search(r"found (\d+) box", text)
+            total = FOUND_TEXT.search(text)
             if total is None:
                 return f"I found no {plural(category)}."
             listed = ", ".join(m.group(0) for m in BOX_TEXT.finditer(text))
@@ -334,11 +335,8 @@ class Planner:
             return call("counter", image=last_new_image(messages), phrase=category)
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
-            said = [
-                tool_count(_text(m), 0)
-                for m in messages
-                if m["role"] == "tool" and COUNT_TEXT.search(_text(m))
-            ]
+            counted = (COUNT_TEXT.search(_text(m)) for m in messages if m["role"] == "tool")
+            said = [int(found.group(1)) for found in counted if found]
             before, after = ([n, target] + said)[-2:]  # the counter's two numbers, right or not
             generated = _second_last_new_image(messages)
             new = f"{after} {plural(category)} ({generated})"

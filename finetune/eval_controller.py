@@ -319,6 +319,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model and args.profile:
         print("toolvlm eval controller: give --model or --profile, not both", file=sys.stderr)
         return 2
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if set(tasks) - set(TASKS) or not tasks:
+        print(f"toolvlm eval controller: --tasks takes some of {', '.join(TASKS)}", file=sys.stderr)
+        return 2
     options: dict[str, Any] = {"constrained": True} if args.constrained else {}
     if args.prompts:
         options["prompts"] = args.prompts
@@ -342,10 +346,6 @@ def run(args: argparse.Namespace) -> int:
         from toolvlm.vlm import load_vlm
 
         target = load_vlm(args.model, dtype=args.dtype, merge=True)
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if set(tasks) - set(TASKS) or not tasks:
-        print(f"toolvlm eval controller: --tasks takes some of {', '.join(TASKS)}", file=sys.stderr)
-        return 2
     report = evaluate_controller(
         target, n=args.n, seed=args.seed, phrasing=args.phrasing, agent_options=options, tasks=tasks
     )

@@ -55,11 +55,16 @@ def half_safetensors(path: Path) -> None:
     log.info("cast %s to fp16", path)
 
 
+def base_model(run: Path) -> Path:
+    """The folder of a stage-2 run's base model (the saved stage-1 VLM, from the run's train_config.yaml)."""
+    return Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+
+
 def base_spec(run: Path) -> Any:
-    """The VLMSpec of a stage-2 run's base model (read from the run's train_config.yaml)."""
+    """The VLMSpec of a stage-2 run's base model."""
     from toolvlm.vlm.config import VLMSpec
 
-    base = Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+    base = base_model(run)
     spec = VLMSpec.load(base)
     if spec is None:
         raise ValueError(f"the stage-2 base {base} has no toolvlm.json: it was not built by toolvlm")
@@ -75,7 +80,7 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run} has no adapter/ (a finished stage-2 run)")
     spec = base_spec(run)
-    check_vision(Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"]), vision)
+    check_vision(base_model(run), vision)
     spec.vision.checkpoint = CONTROLLER_VISION
     if out.exists():
         shutil.rmtree(out)

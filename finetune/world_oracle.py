@@ -91,7 +91,12 @@ class WorldOracle:
 
     def scene_of(self, image: Image.Image) -> Scene | None:
         """The scene `image` shows, or None for an image the oracle has not seen."""
-        return self.scenes.get(image_key(image.convert("RGB")))
+        return self.scenes.get(self.key(image))
+
+    @staticmethod
+    def key(image: Image.Image) -> str:
+        """The key an image's scene is remembered under (a hash of its RGB pixels)."""
+        return image_key(image.convert("RGB"))
 
     def render(self, scene: Scene) -> Image.Image:
         """Render a scene and remember it."""
@@ -124,12 +129,12 @@ class OracleDetector(Detector):
 
     def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
         """The boxes of the objects each phrase names (none for an unknown image)."""
-        scene = self.oracle.scene_of(image)
+        key = self.oracle.key(image)
+        scene = self.oracle.scenes.get(key)
         if scene is None:
             logger.warning("oracle detector: an image of no known world scene; no boxes")
             return []
         self.oracle.last_scene = scene
-        key = image_key(image.convert("RGB"))
         return [det for phrase in phrases for det in self._detect_one(scene, phrase, key)]
 
     def _detect_one(self, scene: Scene, phrase: str, key: str) -> list[Detection]:

@@ -304,8 +304,7 @@ def _sentence_for(scene: Scene, cat: str, objs: list[Object]) -> str:
         shirts = f"{_join(colours)} shirts" if len(colours) <= 3 else "shirts of many colours"
         return f"{count_phrase(n, 'person', 'people').capitalize()} stand on the grass in {shirts}.{depth}"
     if n > 3:
-        tail = f" in {_join(colours)}" if colours else ""
-        tail = " in many colours" if len(colours) > 3 else tail
+        tail = " in many colours" if len(colours) > 3 else f" in {_join(colours)}" if colours else ""
         return f"There are {count_phrase(n, cat, plural(cat))}{tail}."
     out = []
     for o in sorted(objs, key=lambda o: o.cx):
