@@ -7,8 +7,9 @@ Each scene becomes one conversation of 1-3 user turns, each turn one task:
 - `ground` / `refer`: "put a box around the tree" -> grounding call -> the answer gives the box;
 - `ground_all`: "box all the dogs" -> grounding call -> every box;
 - `count`: "how many people are there?" -> counter call -> the number;
-- `generate`: "a similar image with double the people" -> counter -> generator with changes -> counter on the
-  new image to verify -> the answer with both counts (requests stay within the world's crowds of up to 60).
+- `generate`: "a similar image with double the people" -> counter -> generator with changes (the user's words
+  for the change, passed on) -> counter on the new image to verify -> the answer with both counts (requests
+  stay within the world's crowds of up to 60).
 
 Answers with numbers or boxes copy what the tools reported. With `count_noise`, the oracle tools sometimes
 miscount a group by a few, as real detectors do, so the controller learns to report the tools' figures.
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from toolvlm.finetune.data import TOOLSET, Example, system_prompt, write_jsonl
 from toolvlm.finetune.world import Scene, annotate, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle
-from toolvlm.finetune.world_text import count_phrase, plural
+from toolvlm.finetune.world_text import NUMBER_WORDS, count_phrase, plural
 from toolvlm.tools.layout import target_count
 
 logger = logging.getLogger(__name__)
@@ -96,14 +97,22 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "train": ["Generate a similar image with {c}.", "Make a similar picture with {c}.",
                   "Create an image like this one but with {c}.", "Can you generate a version with {c}?",
                   "Draw a similar scene with {c}.", "Show me a similar image with {c}.",
-                  "Make another version of this picture with {c}."],
+                  "Make another version of this picture with {c}.", "Generate a similar image but with {c}.",
+                  "I'd like a new image like this one, with {c}.", "Could you make this scene again with {c}?",
+                  "Same scene, but with {c}, please.", "Create a copy of this picture that has {c}."],
         "heldout": ["Produce a picture similar to this one with {c}.", "Render a variant of this image with {c}."],
     },
 }  # fmt: skip
-# A change in counts: the generator's `changes` value, and the words for it ({x}: plural noun; {n}: number).
+# A change in counts, and the words for it ({x}: plural noun; {n}: a number, in digits or words). The controller
+# passes the user's words on as the generator's `changes` value ({"person": "twice as many people"}): the tool
+# reads them (tools/count_change.py), so the controller copies a span instead of translating it into a symbol,
+# which it learns far better for wordings it never saw. The value is what the words mean, for scoring.
 CHANGES: dict[str, list[tuple[Any, str]]] = {
-    "train": [(2, "double the amount of {x}"), (2, "twice as many {x}"), (3, "three times as many {x}"),
-              (0.5, "half the {x}"), ("+{n}", "{n} more {x}"), ("-{n}", "{n} fewer {x}"), ("={n}", "exactly {n} {x}")],
+    "train": [(2, "double the amount of {x}"), (2, "twice as many {x}"), (2, "two times the {x}"),
+              (2, "the {x} doubled"), (3, "three times as many {x}"), (4, "four times as many {x}"),
+              (0.5, "half the {x}"), (0.5, "half as many {x}"), ("+{n}", "{n} more {x}"),
+              ("+{n}", "{n} additional {x}"), ("+{n}", "another {n} {x}"), ("-{n}", "{n} fewer {x}"),
+              ("={n}", "exactly {n} {x}"), ("={n}", "only {n} {x}"), ("={n}", "{n} {x} in total")],
     "heldout": [(2, "double the {x}"), (3, "triple the number of {x}"), ("+{n}", "an extra {n} {x}")],
 }  # fmt: skip
 MAX_COUNT = 60  # the most objects of a category a request may ask for (the world draws crowds of up to 60)
@@ -319,16 +328,17 @@ class Planner:
         )
         n = self.counts[category]
         value, words = self.rng.choice(CHANGES[self.phrasing])
-        k = self.rng.randint(1, 5)
+        k = self.rng.randint(1, 8)
         if isinstance(value, str):
             value = value.format(n=k)
         if (isinstance(value, str) and value.startswith("-") and k >= n) or (value == 0.5 and n < 2):
             value, words = 2, CHANGES[self.phrasing][0][1]
         if target_count(value, n) > MAX_COUNT:  # beyond the world's crowds: a few more instead
             value, words = next((f"+{k}", w) for v, w in CHANGES[self.phrasing] if v == "+{n}")
-        change_text = words.format(x=plural(category), n=k)
+        number = NUMBER_WORDS[k] if self.rng.random() < 0.4 else str(k)
+        change_text = words.format(x=plural(category), n=number)
         first = {"image": "img_0", "phrase": category}
-        gen_args = {"image": "img_0", "changes": {category: value}}
+        gen_args = {"image": "img_0", "changes": {category: change_text}}  # the user's words, passed on
         target = target_count(value, n)
 
         def verify(messages: list[dict[str, Any]], _images: list[Any]) -> str:

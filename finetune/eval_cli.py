@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     world.add_argument("--n-generate", type=int, default=10, help="layouts to generate from (default 10)")
     world.add_argument("--gen-steps", type=int, default=25, help="DDIM steps per generated image")
     world.add_argument("--count-threshold", type=float, default=None, help="counter score threshold")
+    world.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"parts to score, comma-separated (default: {','.join(PARTS)})",
+    )
     for part in PARTS:
         world.add_argument(
             f"--{part}", metavar="DIR", default=None, help=f"{part} folder (default: the bundle's)"
@@ -59,7 +64,12 @@ def run(args: argparse.Namespace, command: str) -> int:
         return int(module.run(args) or 0)
     from toolvlm.finetune.eval_world import EvalOptions, evaluate, summary_lines
 
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if set(parts) - set(PARTS) or not parts:
+        print(f"toolvlm eval world-models: --parts takes some of {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     options = EvalOptions(
+        parts=parts,
         n=args.n,
         offset=args.offset,
         models={p: getattr(args, p) for p in PARTS},

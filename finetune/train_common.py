@@ -45,7 +45,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True
+    bf16: bool | str = "auto"  # bf16 autocast; "auto": where the CPU has native bf16 (else it is far slower)
     threads: int = 2
     seed: int = 0
     save_every: int = 100
@@ -100,6 +100,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     os.replace(tmp, path)
 
 
+def use_bf16(setting: bool | str) -> bool:
+    """Whether to train under bf16 autocast: True / False, or "auto" for CPUs with native bf16 arithmetic
+    (AVX512-BF16 or AMX; elsewhere bf16 is emulated and several times slower than fp32)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"bf16 must be true, false or auto, got {setting!r}")
+    from toolvlm.vlm.config import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
 def train(stage: Stage, config: TrainConfig) -> Path:
     """Run (or resume) a stage to config.steps; returns the run folder."""
     torch.set_num_threads(config.threads)
@@ -119,7 +131,7 @@ def train(stage: Stage, config: TrainConfig) -> Path:
         log.info("resumed %s at step %d", run, start)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s: %.2fM parameters, steps %d -> %d", run, n_params / 1e6, start, config.steps)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(config.bf16) else nullcontext()
     model.train()
     smooth: dict[str, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=run.name, mininterval=10)

@@ -24,12 +24,14 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 
 @dataclass
 class ModelConfig:
-    """The model to start from: a saved VLM folder (`base`), or parts to assemble (`spec`)."""
+    """The model to start from: a saved VLM folder (`base`), parts to assemble (`spec`), or a trained LoRA
+    adapter to continue training (`adapter`, stage 2: its base, LoRA weights and projector)."""
 
     base: str | None = None
     spec: VLMSpec | None = None
+    adapter: str | None = None
     # frozen weights while training ("bfloat16" halves their memory; under bf16 autocast the arithmetic is the
-    # same); trainable weights are always fp32
+    # same; "auto": bf16 where the device has fast bf16, else fp32); trainable weights are always fp32
     dtype: str = "float32"
 
 
@@ -92,8 +94,14 @@ class TrainConfig:
             raise ValueError(f"stage must be 1 (projector) or 2 (LoRA + projector), got {self.stage!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        if (self.model.base is None) == (self.model.spec is None):
-            raise ValueError("give exactly one of model.base (a saved VLM folder) and model.spec (parts)")
+        given = [k for k in ("base", "spec", "adapter") if getattr(self.model, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model.base (a saved VLM folder), model.spec (parts) and model.adapter "
+                f"(a trained adapter to continue), got {given or 'none'}"
+            )
+        if self.model.adapter is not None and (self.stage != 2 or self.lora.qlora):
+            raise ValueError("model.adapter continues a LoRA adapter: it needs stage 2 without qlora")
         if self.lora.qlora and self.model.base is None:
             raise ValueError("lora.qlora needs model.base, a saved VLM folder to load in 4-bit")
         if self.grad_accum < 1 or self.pack_tokens < 16:

@@ -2,7 +2,8 @@
 
 The model is transformers' `OwlViTForObjectDetection`: every image patch predicts a box (`box_head`, biased to
 its grid cell) and a class embedding that is matched against the text-query embeddings of the same text tower
-the encoder was pretrained with (`init_from`: the encoder's export folder; empty: random init). Queries per image
+the encoder was pretrained with (`init_from`: the encoder's export folder; empty: random init; `continue_from`: a
+trained detector's export, to train it further). Queries per image
 are world phrases: every present category (sometimes plural), colour phrases ('person in a red shirt'), referring
 expressions ('the red frisbee next to the dog', positive only on their target) and absent phrases (negatives).
 
@@ -45,6 +46,7 @@ class DetectorConfig(TrainConfig):
     run_dir: str = "runs/detector"
     init_from: str = "runs/encoder/export"
     model: EncoderConfig | None = None  # sizes for a random init (tests); ignored with init_from
+    continue_from: str = ""  # a trained detector's export folder to train on, heads included (over init_from)
     steps: int = 600
     batch_size: int = 16
     lr: float = 3e-4
@@ -162,9 +164,15 @@ class DetectorStage:
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
-        self.model, self.tokenizer = load_detector_init(config.init_from, config.model)
-        self.model.float()
-        reinit_heads(self.model, config.prior_logit, config.init_logit_scale)
+        if config.continue_from:
+            from transformers import AutoTokenizer, OwlViTForObjectDetection
+
+            self.model = OwlViTForObjectDetection.from_pretrained(config.continue_from).float()
+            self.tokenizer = AutoTokenizer.from_pretrained(config.continue_from)
+        else:
+            self.model, self.tokenizer = load_detector_init(config.init_from, config.model)
+            self.model.float()
+            reinit_heads(self.model, config.prior_logit, config.init_logit_scale)
         vision = self.model.config.vision_config
         self.data = WorldScenes(
             "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres

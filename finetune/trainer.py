@@ -69,13 +69,18 @@ def load_model(config: TrainConfig) -> tuple[Any, str | None]:
         vlm = VLM(model, load_processor(config.model.base), VLMSpec.load(config.model.base))
         vlm.source = config.model.base
         return vlm, config.model.base
+    if config.model.adapter is not None:
+        from toolvlm.vlm.lora import adapter_base
+
+        return adapter_base(config.model.adapter, dtype=config.model.dtype)
     if config.model.base is not None:
         return load_vlm(config.model.base, dtype=config.model.dtype), config.model.base
     return build_vlm(config.model.spec, dtype=config.model.dtype), None
 
 
 def set_trainable(vlm: Any, config: TrainConfig) -> Any:
-    """Freeze what the stage does not train (stage 1: all but the projector; stage 2: LoRA via `apply_lora`).
+    """Freeze what the stage does not train (stage 1: all but the projector; stage 2: LoRA via `apply_lora`,
+    started from `model.adapter`'s weights when given).
 
     Trainable weights are kept in fp32 (the optimizer's master copy) whatever the dtype of the frozen ones.
     """
@@ -86,6 +91,10 @@ def set_trainable(vlm: Any, config: TrainConfig) -> Any:
         from toolvlm.vlm.lora import apply_lora
 
         vlm = apply_lora(vlm, config.lora)
+        if config.model.adapter is not None:
+            from toolvlm.vlm.lora import load_adapter_weights
+
+            load_adapter_weights(vlm, config.model.adapter)
     for param in vlm.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -110,12 +119,19 @@ class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Any = None):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        from toolvlm.vlm.config import resolve_dtype
+
         self.config = config
         precision = config.mixed_precision
         if precision == "auto":
-            from toolvlm.vlm.config import resolve_dtype
-
             precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "no"
+        frozen = resolve_dtype(config.model.dtype)
+        if precision == "no" and frozen != torch.float32:
+            raise ValueError(
+                f"model.dtype={config.model.dtype} keeps the frozen weights in {frozen}, which needs "
+                f"mixed_precision bf16 or fp16 (this run's: {precision!r}; 'auto' is 'no' where the device has no "
+                "fast bf16); use model.dtype=auto"
+            )
         # rows without images leave the projector unused; DDP must not wait for its gradients then
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = accelerator or Accelerator(

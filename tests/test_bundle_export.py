@@ -30,9 +30,7 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     messages, images = chat(1), [random_image(3)]
     expected = tuned.generate(messages, images, max_new_tokens=8)
     save_adapter(tuned, run / "adapter")
-    (run / "train_config.yaml").write_text(
-        yaml.safe_dump({"model": {"base": str(tmp_path / "stage1" / "model")}})
-    )
+    (run / "train_config.yaml").write_text(yaml.safe_dump({"model": {"base": "the run's recipe"}}))
 
     bundle = tmp_path / "bundle"
     other = build_vlm(
@@ -48,6 +46,8 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     (tmp_path / "vision" / "model.safetensors").unlink()  # the bundle has its own copy
     controller = bundle / "controller"
     assert (controller / "vision" / "config.json").is_file() and (controller / "base.json").is_file()
+    card = (controller / "README.md").read_text()  # a model card of its own, not peft's empty template
+    assert "r=4" in card and "More Information Needed" not in card
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(controller / "adapter_model.safetensors").values()} == {torch.float16}

@@ -127,6 +127,48 @@ def before_base_param(before: dict[str, torch.Tensor], name: str) -> torch.Tenso
     raise KeyError(name)
 
 
+def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from toolvlm.finetune.export_bundle import base_model
+    from toolvlm.vlm.config import VLMSpec
+    from toolvlm.vlm.lora import make_portable
+
+    first = tmp_path / "a"
+    first.mkdir()
+    recipe = write_recipe(first, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    Trainer(load_train_config(recipe, ["lora.r=4"])).train()
+    portable = tmp_path / "portable"  # as in the bundle: the base is a spec, the vision tower beside it
+    shutil.copytree(first / "out" / "adapter", portable)
+    load_vlm(first / "out" / "base", dtype="float32").model.model.vision_tower.save_pretrained(
+        portable / "vision"
+    )
+    spec = VLMSpec.load(first / "out" / "base")
+    spec.vision.checkpoint = "vision"
+    make_portable(portable, spec)
+
+    overrides = ["lora.r=4", "model.spec=null", f"model.adapter={portable}", f"output_dir={tmp_path / 'b'}"]
+    trainer = Trainer(load_train_config(recipe, overrides))
+    trainer.setup()
+    saved = load_file(portable / "adapter_model.safetensors")
+    params = dict(trainer.vlm.model.named_parameters())
+    for key, tensor in saved.items():  # every LoRA matrix and the projector start where the adapter ended
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        name = name.replace("multi_modal_projector.", "multi_modal_projector.modules_to_save.default.")
+        torch.testing.assert_close(params[name].detach(), tensor.float())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # trained, not a fresh LoRA
+    result = trainer.train()
+    assert result.steps == 2
+    assert base_model(tmp_path / "b") == (tmp_path / "b" / "base").resolve()  # what export_bundle reads
+    assert load_vlm(tmp_path / "b" / "adapter", dtype="float32") is not None
+    with pytest.raises(ValueError, match="'r': 4"):
+        Trainer(load_train_config(recipe, [*overrides[1:], "lora.r=8"])).setup()
+    with pytest.raises(ValueError, match="exactly one of"):
+        load_train_config(recipe, [f"model.adapter={portable}"])
+
+
 def test_checkpoint_and_resume_continue_the_step_count_and_the_loss(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
     first = tmp_path / "a"
     first.mkdir()
@@ -203,6 +245,12 @@ def test_cli_prints_resolved_config_and_refuses_unknown_keys(tmp_path, tiny_lm_d
     assert "max_steps: 7" in printed and "r: 4" in printed
     assert main(["finetune", str(recipe), "lora.rank=4"]) == 2
     assert "unknown keys ['rank']" in capsys.readouterr().err
+
+
+def test_half_precision_frozen_weights_need_autocast(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=1)
+    with pytest.raises(ValueError, match="model.dtype=bfloat16 .*mixed_precision"):
+        Trainer(load_train_config(recipe, ["model.dtype=bfloat16", "mixed_precision=no"]))
 
 
 def test_overrides_read_exponent_numbers_as_numbers():

@@ -175,3 +175,20 @@ def test_generation_requests_stay_within_the_worlds_crowds():
     config = WorldDataConfig(task_weights={"generate": 1}, max_turns=1, phrasing="heldout")
     targets = [t["truth"]["target"] for i in range(60) for t in world_example(i, config).meta["turns"]]
     assert len(targets) >= 30 and max(targets) <= 65  # at most 60, or a few more than a crowd near 60
+
+
+def test_generation_calls_pass_the_users_words_for_the_change():
+    from toolvlm.tools.count_change import parse_change
+
+    config = WorldDataConfig(task_weights={"generate": 1}, max_turns=1)
+    checked = 0
+    for i in range(20):
+        example = world_example(i, config)
+        for turn in example.meta["turns"]:
+            generator = turn["truth"]["calls"][1]
+            assert generator["name"] == "generator"
+            ((category, words),) = generator["arguments"]["changes"].items()
+            assert isinstance(words, str) and words in turn["text"]  # copied from the request, not translated
+            assert parse_change(words) == parse_change(turn["truth"]["changes"][category])
+            checked += 1
+    assert checked >= 10

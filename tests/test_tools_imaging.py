@@ -79,8 +79,9 @@ def test_target_count_forms():
     assert target_count("-5", 3) == 0
     assert target_count("=10", 3) == 10
     assert target_count(0.5, 5) == 2
+    assert target_count("double", 3) == 6  # words too: tests/test_tools_count_change.py
     with pytest.raises(ToolInputError):
-        target_count("double", 3)
+        target_count(True, 3)
 
 
 @settings(max_examples=30, deadline=None, database=None)

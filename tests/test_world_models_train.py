@@ -46,6 +46,19 @@ def detector_run(tmp_path_factory, encoder_run) -> Path:
     return run_stage("detector", None, [*overrides, "warmup_steps=1", "save_every=1"])
 
 
+def test_detector_continues_from_a_trained_export_with_its_heads(detector_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
+
+    stage = DetectorStage(DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export")))
+    saved = load_file(detector_run / "export" / "model.safetensors")
+    params = dict(stage.model.named_parameters())
+    for name in ("box_head.dense2.weight", "class_head.logit_shift.bias", "owlvit.logit_scale"):
+        torch.testing.assert_close(params[name].detach(), saved[name].float())  # not re-drawn
+    assert stage.tokenizer("a red frisbee")["input_ids"]  # the export's own tokenizer
+
+
 def test_encoder_trains_resumes_and_exports(encoder_run, tmp_path):
     log = [json.loads(line) for line in (encoder_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
@@ -135,6 +148,11 @@ def test_eval_world_models_runs_on_tiny_checkpoints(
     assert generator["n"] == 1 and 0 <= generator["reference_agreement"] <= 1
     assert set(generator["per_category"]) <= set(CATEGORIES) and generator["per_category"]
     assert results["skipped"] == {}
+    assert main([*argv, "--parts", "captioner"]) == 0  # one part alone
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["captioner"] == results["captioner"] and "grounding" not in alone
+    assert alone["skipped"]["detector"] == "not asked for"
+    assert main([*argv, "--parts", "decoder"]) == 2
 
 
 def test_eval_skips_absent_parts(tmp_path, monkeypatch, capsys):

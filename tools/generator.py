@@ -32,7 +32,8 @@ class GeneratorTool(Tool):
         "Generate an image. Text-to-image: give 'prompt'. Layout-to-image: give 'boxes' [x0, y0, x1, y1] in "
         "pixels of the output and one phrase per box in 'phrases'. A similar image: give the reference 'image' "
         "and 'changes' in object counts, e.g. {\"person\": 2} doubles the people ('+3' adds three, '=10' sets "
-        "ten); the other objects found in the reference are kept (only those in 'objects' when given)."
+        "ten; words work too: 'double', 'three more', 'exactly 10'); the other objects found in the reference "
+        "are kept (only those in 'objects' when given)."
     )
     inputs = {
         "type": "object",
@@ -49,7 +50,8 @@ class GeneratorTool(Tool):
             "changes": {
                 "type": "object",
                 "additionalProperties": {"type": ["number", "string"]},
-                "description": "count changes per object: a factor (2), '+N', '-N' or '=N'",
+                "description": "count changes per object: a factor (2), '+N', '-N', '=N', or in words "
+                "('twice as many', 'an extra 3', 'two fewer', 'exactly 10')",
             },
             "objects": {
                 "type": "array",

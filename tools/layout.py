@@ -1,24 +1,24 @@
 """Layouts for "a similar image": edit a detected layout by requested changes in object counts.
 
 A layout is parallel lists of boxes `[x0, y0, x1, y1]` (pixels of a width x height canvas) and labels. A change
-for a label is a factor (2.0 or "x2": double), an offset ("+3", "-2") or a target ("=10"). Removing keeps a
-seeded random subset; adding places new boxes of the label's median size (or a default size when the label is
-absent) at the candidate position, among seeded random ones, that overlaps the existing boxes least.
+for a label is a factor (2.0, "x2", "double"), an offset ("+3", "3 more") or a target ("=10", "exactly 10"), read
+by count_change.py. Removing keeps a seeded random subset; adding places new boxes of the label's median size (or
+a default size when the label is absent) at the candidate position, among seeded random ones, that overlaps the
+existing boxes least.
 Everything is deterministic given the seed. No models, no torch.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
-from toolvlm.tools.base import ToolInputError
+from toolvlm.tools.count_change import parse_change, target_count
 
-CHANGE = re.compile(r"^\s*(?P<op>[x*+\-=]?)\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*$")
+__all__ = ["Layout", "edit_layout", "layout_prompt", "place_boxes", "plural", "target_count"]
 
 
 @dataclass
@@ -47,30 +47,6 @@ class Layout:
             "boxes": [[round(c, 1) for c in b] for b in self.boxes],
             "labels": list(self.labels),
         }
-
-
-def target_count(change: float | int | str, current: int) -> int:
-    """The count after a change: a factor (2.0, 'x2'), an offset ('+3', '-1') or a target ('=10')."""
-    if isinstance(change, bool):
-        raise ToolInputError(
-            f"a count change must be a number or text like 'x2', '+3', '=10', got {change!r}"
-        )
-    if isinstance(change, int | float):
-        op, num = "x", float(change)
-    else:
-        match = CHANGE.match(str(change))
-        if not match:
-            raise ToolInputError(
-                f"cannot read the count change {change!r}; use a factor (2 or 'x2'), '+3', '-2' or '=10'"
-            )
-        op, num = match.group("op") or "x", float(match.group("num"))
-    if op in ("x", "*"):
-        return max(0, round(current * num))
-    if op == "+":
-        return current + round(num)
-    if op == "-":
-        return max(0, current - round(num))
-    return round(num)
 
 
 def _overlap(a: list[float], b: list[float]) -> float:
@@ -131,7 +107,8 @@ def edit_layout(
     notes = []
     for label, change in changes.items():
         current = result.labels.count(label)
-        target = target_count(change, current)
+        parsed = parse_change(change)
+        target = parsed.apply(current)
         if target < current:
             indices = [i for i, lab in enumerate(result.labels) if lab == label]
             drop = set(rng.sample(indices, current - target))
@@ -139,7 +116,7 @@ def edit_layout(
             result.labels = [lab for i, lab in enumerate(result.labels) if i not in drop]
         elif target > current:
             place_boxes(result, label, target - current, rng)
-        if current == 0 and not isinstance(change, str):
+        if current == 0 and parsed.op == "x":
             notes.append(f"no '{label}' found in the reference, so a factor changes nothing; use '+N' to add")
         elif current == 0 and target == 0:
             notes.append(f"no '{label}' found in the reference")

@@ -197,11 +197,10 @@ def fold_lora(model: torch.nn.Module, folder: str | Path) -> bool:
     return True
 
 
-def load_adapter(
-    folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
-):
-    """Load a saved adapter onto its base model; `merge=True` folds it into the base weights."""
-    from .model import VLM, load_vlm
+def adapter_base(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+    """The base model of a saved adapter, without the adapter: (VLM, its saved folder, or None for a portable
+    adapter's base, which is built from `base.json`)."""
+    from .model import load_vlm
 
     folder = Path(folder)
     adapter_config = json.loads(Path(folder, "adapter_config.json").read_text())
@@ -209,13 +208,50 @@ def load_adapter(
     if (folder / BASE_FILE).is_file():
         base = _portable_base(folder, dtype)
         base.model.to(device)
-        base_path = str(folder)
-    elif not base_path or not Path(base_path, "config.json").is_file():
+        return base, None
+    if not base_path or not Path(base_path, "config.json").is_file():
         raise FileNotFoundError(
             f"the adapter in {folder} points at a base model that is not here: {base_path!r}"
         )
-    else:
-        base = load_vlm(base_path, dtype=dtype, device=device)
+    return load_vlm(base_path, dtype=dtype, device=device), base_path
+
+
+def load_adapter_weights(vlm, folder: str | Path) -> None:
+    """Start the LoRA adapter of `vlm` (made by `apply_lora`) from a saved adapter's weights (LoRA matrices and
+    projector), to continue training it; the saved adapter must have the same rank, alpha and targets."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    saved = json.loads(Path(folder, "adapter_config.json").read_text())
+    config = vlm.model.peft_config["default"]
+    ours = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": config.target_modules}
+    theirs = {k: saved.get(k) for k in ours}
+    if isinstance(theirs["target_modules"], list):
+        theirs["target_modules"] = set(theirs["target_modules"])
+    if theirs != ours:
+        raise ValueError(
+            f"the adapter in {folder} has {theirs}, the run's LoRA has {ours}; set lora.* to match"
+        )
+    result = set_peft_model_state_dict(vlm.model, load_file(folder / "adapter_model.safetensors"))
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the adapter in {folder} does not fit this model: {len(missing)} trainable weights missing "
+            f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})"
+        )
+    logger.info("LoRA weights and projector start from %s", folder)
+
+
+def load_adapter(
+    folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
+):
+    """Load a saved adapter onto its base model; `merge=True` folds it into the base weights."""
+    from .model import VLM
+
+    folder = Path(folder)
+    base, base_path = adapter_base(folder, dtype, device)
+    base_path = base_path or str(folder)
     if merge and fold_lora(base.model, folder):
         model = base.model
     else:

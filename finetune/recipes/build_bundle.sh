@@ -20,10 +20,12 @@ stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
   $TOOLVLM finetune $R/controller_stage1.yaml model.spec.vision.checkpoint=runs/detector/export/vision
   $TOOLVLM finetune $R/controller_stage2.yaml model.base=runs/controller_stage1/model
+  # more stage 2 on fresh conversations, from that adapter (the bundle's fourth controller continued the third's)
+  $TOOLVLM finetune $R/controller_stage2_more.yaml model.adapter=runs/controller_stage2/adapter
 }
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector captioner=runs/captioner \
-    generator=runs/generator controller=runs/controller_stage2
+    generator=runs/generator controller=runs/controller_stage2_more
   $TOOLVLM eval world-models --json > bundle/metrics_world.json
   $TOOLVLM eval controller --json > bundle/metrics_controller.json
 }
