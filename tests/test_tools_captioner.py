@@ -59,3 +59,13 @@ def test_captioner_without_weights(scene, tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLVLM_BUNDLE", str(tmp_path))  # a bundle without the captioner
     with pytest.raises(MissingWeightsError, match="captioner"):
         CaptionerTool()(image=scene())
+
+
+def test_world_tokenizer_pieces_are_joined_into_numbers_and_punctuation():
+    from toolvlm.tools.captioner import join_pieces
+
+    assert (
+        join_pieces("about 3 0 people , a dog 's ball and 1 2 birds .")
+        == "about 30 people, a dog's ball and 12 birds."
+    )
+    assert join_pieces("a red frisbee") == "a red frisbee"

@@ -12,6 +12,7 @@ makes a paragraph informative. A region is cropped (with a small margin) before 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,20 @@ class Captioner:
             ids = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False
             )
-        return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        text = self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        return join_pieces(text) if self.backend == "inhouse" else text
+
+
+# The in-house models' world tokenizer splits text into words, single digits and punctuation and keeps no
+# spaces (as CLIP's does), so decoding puts a space between every piece: "about 3 0 people , a dog 's ball ."
+_DIGITS = re.compile(r"(?<=\d) (?=\d)")
+_ATTACHED = re.compile(r" (?=[.,;:!?]|'(?:s|t|re|ve|m|ll|d)\b)")
+
+
+def join_pieces(text: str) -> str:
+    """A decoded world-tokenizer text with its pieces joined: digits into numbers, punctuation and clitics onto
+    the word before ("about 30 people, a dog's ball.")."""
+    return _ATTACHED.sub("", _DIGITS.sub("", text))
 
 
 def _sentence(text: str) -> str:
