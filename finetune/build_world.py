@@ -39,7 +39,7 @@ from toolvlm.finetune.data import TOOLSET, Example, system_prompt, write_jsonl
 from toolvlm.finetune.world import Scene, annotate, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle
 from toolvlm.finetune.world_text import NUMBER_WORDS, count_phrase, plural
-from toolvlm.tools.layout import target_count
+from toolvlm.tools.count_change import target_count
 
 logger = logging.getLogger(__name__)
 

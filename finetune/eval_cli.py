@@ -64,19 +64,19 @@ def run(args: argparse.Namespace, command: str) -> int:
         return int(module.run(args) or 0)
     from toolvlm.finetune.eval_world import EvalOptions, evaluate, summary_lines
 
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    if set(parts) - set(PARTS) or not parts:
-        print(f"toolvlm eval world-models: --parts takes some of {', '.join(PARTS)}", file=sys.stderr)
+    try:
+        options = EvalOptions(
+            parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
+            n=args.n,
+            offset=args.offset,
+            models={p: getattr(args, p) for p in PARTS},
+            count_threshold=args.count_threshold,
+            n_generate=args.n_generate,
+            gen_steps=args.gen_steps,
+        )
+    except ValueError as err:
+        print(f"toolvlm eval world-models: {err}", file=sys.stderr)
         return 2
-    options = EvalOptions(
-        parts=parts,
-        n=args.n,
-        offset=args.offset,
-        models={p: getattr(args, p) for p in PARTS},
-        count_threshold=args.count_threshold,
-        n_generate=args.n_generate,
-        gen_steps=args.gen_steps,
-    )
     results = evaluate(options)
     if args.json:
         print(json.dumps(results))

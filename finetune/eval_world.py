@@ -63,6 +63,11 @@ class EvalOptions:
     caption_tokens: int = 80
     parts: tuple[str, ...] = PARTS  # which parts to score (the generator is scored with the detector)
 
+    def __post_init__(self) -> None:
+        unknown = set(self.parts) - set(PARTS)
+        if unknown or not self.parts:
+            raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")
+
 
 def model_path(part: str, given: str | None) -> Path | None:
     """The folder to evaluate for a part: the given one, else the bundle's when present, else None."""
@@ -354,9 +359,6 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Score every part whose weights exist; absent parts get a note. Returns a JSON-ready dict."""
     from toolvlm.tools.registry import build_tools
 
-    unknown = set(options.parts) - set(PARTS)
-    if unknown or not options.parts:
-        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")
     paths = {p: model_path(p, options.models.get(p)) if p in options.parts else None for p in PARTS}
     scenes = eval_scenes(options.n, options.offset)
     results: dict[str, Any] = {"n": options.n, "offset": options.offset, "targets": TARGETS}

@@ -104,12 +104,13 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
 
 def controller_card(folder: Path) -> str:
     """A model card for an exported controller folder: what it is, what it was made from, how to load it."""
+    from toolvlm.vlm.lora import SPEC_FILE
+
     config = json.loads((folder / "adapter_config.json").read_text())
     base = json.loads((folder / "base.json").read_text())
     vision = json.loads((folder / CONTROLLER_VISION / "config.json").read_text())  # the tower as saved
-    targets = config["target_modules"]
-    if isinstance(targets, str):  # toolvlm's regex: '.*language_model.*\.(down_proj|...)$'
-        targets = targets.rsplit("(", 1)[-1].split(")", 1)[0].split("|")
+    spec = json.loads((folder / SPEC_FILE).read_text())  # the LoRASpec it was trained with
+    targets = spec.get("target_modules") or [config["target_modules"]]
     pooling = base["image_token_pooling"]
     return f"""# toolvlm default controller
 

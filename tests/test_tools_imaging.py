@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from toolvlm.tools import ToolInputError, imaging
+from toolvlm.tools.count_change import target_count
 from toolvlm.tools.draw import DrawBoxesTool
-from toolvlm.tools.layout import Layout, edit_layout, layout_prompt, target_count
+from toolvlm.tools.layout import Layout, edit_layout, layout_prompt
 
 coord = st.floats(-500, 1500, allow_nan=False)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from toolvlm.tools.base import ToolInputError
 
 SYMBOLIC = re.compile(r"^\s*(?P<op>[x*+\-=]?)\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*$")
-OPS = ("x", "+", "-", "=")
 
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]  # fmt: skip

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
-from toolvlm.tools.count_change import parse_change, target_count
-
-__all__ = ["Layout", "edit_layout", "layout_prompt", "place_boxes", "plural", "target_count"]
+from toolvlm.tools.count_change import parse_change
 
 
 @dataclass
