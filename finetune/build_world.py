@@ -4,7 +4,9 @@ Each scene becomes one conversation of 1-3 user turns, each turn one task:
 
 - `describe` / `caption`: the paragraph or the caption, answered by the controller itself;
 - `vqa`: yes/no and colour questions, answered without a tool;
-- `ground` / `refer`: "put a box around the tree" -> grounding call -> the answer gives the box;
+- `ground` / `refer`: "put a box around the tree" -> grounding call -> the answer gives the box (with the
+  oracle's `miss_rate`, the first search sometimes finds nothing: the controller searches once more at a low
+  threshold, then answers with the box, or that it found none);
 - `ground_all`: "box all the dogs" -> grounding call -> every box;
 - `count`: "how many people are there?" -> counter call -> the number;
 - `generate`: "a similar image with double the people" -> counter -> generator with changes (the user's words
@@ -133,6 +135,8 @@ NEW_IMAGE = re.compile(r"New images: (img_\d+)")
 COUNT_TEXT = re.compile(r"about (\d+) instance")  # a counter's result
 FOUND_TEXT = re.compile(r"found (\d+) box")  # a grounding result
 BOX_TEXT = re.compile(r"\[\d+(?:\.\d+)?(?:, \d+(?:\.\d+)?){3}\]")
+NO_BOX_TEXT = "no box for"  # a grounding result that found nothing
+RETRY_THRESHOLD = 0.1  # a search that found nothing is made once more at this threshold
 
 
 @dataclass
@@ -151,6 +155,17 @@ class WorldDataConfig:
     prompts: str = "agent"
     tool_images: bool = True  # show the images tools make (the agent option of that name must match)
     count_noise: float = 0.0  # chance that a group's boxes come back a few off (answers copy the tools)
+    miss_rate: float = 0.0  # chance that one object is found only by a search at a low threshold
+
+
+@dataclass
+class IfNeeded:
+    """A scripted reply only one branch of a turn reaches (the answer after a retry); unused, it is dropped."""
+
+    reply: Callable[[list[dict[str, Any]], list[Any]], str]
+
+    def __call__(self, messages: list[dict[str, Any]], images: list[Any]) -> str:
+        return self.reply(messages, images)
 
 
 @dataclass
@@ -264,9 +279,17 @@ class Planner:
         answer = f"Here is the {name}: {_box_text(box)}."
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
+            if _last_tool_text(messages).startswith(NO_BOX_TEXT):
+                return f"I could not find the {name} in the image."
             return answer[:-1] + f" (drawn in {last_new_image(messages)})."
 
-        return Turn(task, self.template("ground", x=phrase), [call("grounding", **args), final],
+        def retry_or_final(messages: list[dict[str, Any]], images: list[Any]) -> str:
+            if _last_tool_text(messages).startswith(NO_BOX_TEXT):
+                return call("grounding", **args, threshold=RETRY_THRESHOLD)
+            return final(messages, images)
+
+        replies = [call("grounding", **args), retry_or_final, IfNeeded(final)]
+        return Turn(task, self.template("ground", x=phrase), replies,
                     [{"name": "grounding", "arguments": args}], {"boxes": [box], "phrase": phrase})  # fmt: skip
 
     def _ground(self) -> Turn | None:
@@ -418,10 +441,10 @@ def run_turns(
         controller.enqueue(*turn.replies)
         for _event in agent.run(turn.text, [image] if k == 0 else []):
             pass
-        if controller.replies:
-            raise RuntimeError(
-                f"turn {turn.task!r} ended with {len(controller.replies)} scripted replies unused"
-            )
+        unused = [r for r in controller.replies if not isinstance(r, IfNeeded)]
+        if unused:
+            raise RuntimeError(f"turn {turn.task!r} ended with {len(unused)} scripted replies unused")
+        controller.replies.clear()
     messages = agent.trajectory.to_messages(system or agent.system_prompt(), tool_images=tool_images)
     images = [agent.memory.get(h) for h in agent.trajectory.image_handles(tool_images=tool_images)]
     return messages, images
@@ -445,7 +468,7 @@ def world_example(index: int, config: WorldDataConfig, system: str | None = None
     scene = sample_scene(seed)
     rng = random.Random(seed)
     turns = plan_conversation(scene, rng, config.phrasing, config.task_weights, config.max_turns)
-    oracle = WorldOracle(config.count_noise, seed)
+    oracle = WorldOracle(config.count_noise, seed, config.miss_rate)
     messages, images = run_conversation(scene, turns, oracle, system, config.tool_images)
     meta = {
         "source": "world",

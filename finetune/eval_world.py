@@ -321,13 +321,15 @@ def eval_encoder(folder: Path, scenes: list[Any]) -> dict[str, Any]:
     return {"presence_accuracy": float((truth_a == pred_a).mean()), "majority_baseline": float(majority)}
 
 
-def eval_generator(tools: dict[str, Any], scenes: list[Any], steps: int) -> dict[str, Any]:
+def eval_generator(
+    tools: dict[str, Any], scenes: list[Any], steps: int, threshold: float | None = None
+) -> dict[str, Any]:
     """Generate from held-out layouts; agreement when every layout category's detected count is within 10%.
     The same check on the world's own drawings of the layouts is reported as the ceiling the detector allows."""
     from toolvlm.tools.grounding import locate
 
     backend, detector = tools["generator"].backend, tools["grounding"].detector
-    threshold = tools["counter"].effective_threshold()
+    threshold = tools["counter"].effective_threshold(threshold)
 
     def agreement(image: Any, counts: dict[str, int]) -> dict[str, bool]:
         got = {c: len(locate(detector, image, [c], threshold).boxes) for c in counts}
@@ -381,7 +383,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             gen = build_tools({"generator": {"backend": "inhouse", "model": str(paths["generator"])}})
             gen["generator"].setup()
             tools.update(gen)
-            results["generator"] = eval_generator(tools, scenes[: options.n_generate], options.gen_steps)
+            results["generator"] = eval_generator(
+                tools, scenes[: options.n_generate], options.gen_steps, options.count_threshold
+            )
     elif paths["generator"] is not None:
         missing["generator"] = (
             "skipped: the generator is scored by the detector, which is absent or not asked for"

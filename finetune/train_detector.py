@@ -47,6 +47,7 @@ class DetectorConfig(TrainConfig):
     init_from: str = "runs/encoder/export"
     model: EncoderConfig | None = None  # sizes for a random init (tests); ignored with init_from
     continue_from: str = ""  # a trained detector's export folder to train on, heads included (over init_from)
+    image_size: int = 0  # input pixels; 0: the model's own. Another size interpolates the position embeddings
     steps: int = 600
     batch_size: int = 16
     lr: float = 3e-4
@@ -120,6 +121,32 @@ def load_detector_init(init_from: str, model_sizes: EncoderConfig | None) -> tup
     return OwlViTForObjectDetection(owlvit_config(sizes, tokenizer)), tokenizer
 
 
+def resize_detector(model: Any, image_size: int) -> Any:
+    """The detector rebuilt for square inputs of `image_size` pixels: the patch grid's position embeddings
+    interpolated bicubically (as ViT and OWL-ViT fine-tune at a higher resolution), box priors recomputed."""
+    from transformers import OwlViTForObjectDetection
+
+    vision = model.config.vision_config
+    if image_size == vision.image_size:
+        return model
+    if image_size % vision.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision.patch_size}")
+    embeddings = model.owlvit.vision_model.embeddings
+    with torch.no_grad():
+        probe = torch.zeros((1, 1 + (image_size // vision.patch_size) ** 2, vision.hidden_size))
+        position = embeddings.interpolate_pos_encoding(probe, image_size, image_size)[0]
+    state = model.state_dict()
+    state["owlvit.vision_model.embeddings.position_embedding.weight"] = position
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.vision_config.image_size = image_size
+    resized = OwlViTForObjectDetection(config)
+    resized.load_state_dict(state)
+    log.info(
+        "detector resized from %d to %d px (%d patches)", vision.image_size, image_size, len(position) - 1
+    )
+    return resized.to(next(model.parameters()).dtype)
+
+
 def detector_outputs(
     model: Any,
     pixels: torch.Tensor,
@@ -173,6 +200,8 @@ class DetectorStage:
             self.model, self.tokenizer = load_detector_init(config.init_from, config.model)
             self.model.float()
             reinit_heads(self.model, config.prior_logit, config.init_logit_scale)
+        if config.image_size:
+            self.model = resize_detector(self.model, config.image_size)
         vision = self.model.config.vision_config
         self.data = WorldScenes(
             "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres

@@ -4,7 +4,9 @@
 phrase with the exact boxes of the objects the phrase names, and its image backend draws a "similar image" by
 rendering the edited layout with the world renderer, registering the new scene so that a later count on the
 generated image is exact too (or, with `count_noise`, sometimes off by a few, as a real detector is, so that
-a controller trained on these conversations learns to report what the tools said rather than guess). Because
+a controller trained on these conversations learns to report what the tools said rather than guess; with
+`miss_rate`, a phrase naming one object sometimes finds nothing at the default threshold, as a real detector's
+weak box does, and is found at a low one (the oracle's default thresholds are the bundle detector's), so that the controller learns to retry lower). Because
 the tools are `GroundingTool`, `CounterTool` and `GeneratorTool` themselves, their texts, drawn images and
 artifacts are exactly what the real tools give the controller: the data builders and the controller evaluation
 need no tool weights.
@@ -36,6 +38,8 @@ from toolvlm.vlm.images import image_key
 logger = logging.getLogger(__name__)
 
 ORACLE_SCORE = 0.99
+MISS_SCORE = 0.15  # the score of a missed object: found only by a search at a threshold this low
+THRESHOLDS = {"grounding_threshold": 0.3, "count_threshold": 0.3}  # as the bundle detector's calibration
 _ARTICLE = re.compile(r"^(the|a|an)\s+")
 _PLURALS = {plural(c): c for c in CATEGORIES}
 
@@ -76,10 +80,11 @@ def phrase_targets(scene: Scene, phrase: str) -> list[int]:
 class WorldOracle:
     """Scenes by image content, with the detector and image backend that answer from them."""
 
-    def __init__(self, count_noise: float = 0.0, seed: int = 0) -> None:
-        if not 0.0 <= count_noise <= 1.0:
-            raise ValueError(f"count_noise is a probability, got {count_noise}")
-        self.count_noise, self.seed = count_noise, seed
+    def __init__(self, count_noise: float = 0.0, seed: int = 0, miss_rate: float = 0.0) -> None:
+        for name, p in (("count_noise", count_noise), ("miss_rate", miss_rate)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} is a probability, got {p}")
+        self.count_noise, self.seed, self.miss_rate = count_noise, seed, miss_rate
         self.scenes: dict[str, Scene] = {}
         self.last_scene: Scene | None = (
             None  # the scene the detector last looked at (a generator's reference)
@@ -123,6 +128,7 @@ class OracleDetector(Detector):
         super().__init__()
         self.oracle = oracle
         self.model = self  # nothing to load
+        self.calibration = dict(THRESHOLDS)
 
     def load(self, tool: str = "grounding") -> None:
         """Nothing to load."""
@@ -135,18 +141,20 @@ class OracleDetector(Detector):
             logger.warning("oracle detector: an image of no known world scene; no boxes")
             return []
         self.oracle.last_scene = scene
-        return [det for phrase in phrases for det in self._detect_one(scene, phrase, key)]
+        return [det for phrase in phrases for det in self._detect_one(scene, phrase, key, threshold)]
 
-    def _detect_one(self, scene: Scene, phrase: str, key: str) -> list[Detection]:
+    def _detect_one(self, scene: Scene, phrase: str, key: str, threshold: float) -> list[Detection]:
         """The phrase's exact boxes; with the oracle's `count_noise`, a group of 2+ sometimes loses or gains a
-        few (the same answer every time this image is asked for this phrase)."""
+        few; with `miss_rate`, a single object is sometimes found only at thresholds <= MISS_SCORE (the same answer every
+        time this image is asked for this phrase)."""
         boxes = [[float(v) for v in scene.objects[i].box] for i in phrase_targets(scene, phrase)]
-        noise = self.oracle.count_noise
-        if noise and len(boxes) >= 2:  # a group (a referring expression names one object)
-            digest = hashlib.sha256(f"{self.oracle.seed}|{key}|{normalize_phrase(phrase)}".encode()).digest()
-            rng = random.Random(int.from_bytes(digest[:8], "big"))
-            if rng.random() < noise:
-                boxes = _perturbed(boxes, rng, scene.width, scene.height)
+        digest = hashlib.sha256(f"{self.oracle.seed}|{key}|{normalize_phrase(phrase)}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        draw = rng.random()
+        if len(boxes) >= 2 and draw < self.oracle.count_noise:  # a group
+            boxes = _perturbed(boxes, rng, scene.width, scene.height)
+        elif len(boxes) == 1 and draw < self.oracle.miss_rate:  # one object, with a weak score
+            return [Detection(boxes[0], MISS_SCORE, phrase)] if threshold <= MISS_SCORE else []
         return [Detection(box, ORACLE_SCORE, phrase) for box in boxes]
 
 

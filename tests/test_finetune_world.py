@@ -192,3 +192,34 @@ def test_generation_calls_pass_the_users_words_for_the_change():
             assert parse_change(words) == parse_change(turn["truth"]["changes"][category])
             checked += 1
     assert checked >= 10
+
+
+def test_missed_objects_are_searched_again_at_a_low_threshold_before_the_answer():
+    config = WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2, miss_rate=1.0)
+    retried = 0
+    for i in range(12):
+        example = world_example(i, config)
+        calls = [
+            json.loads(m["content"][len("<tool_call>") : -len("</tool_call>")])
+            for m in example.messages
+            if m["role"] == "assistant" and m["content"].startswith("<tool_call>")
+        ]
+        tools = [_tool_text(m) for m in example.messages if m["role"] == "tool"]
+        answers = [
+            m["content"]
+            for m in example.messages
+            if m["role"] == "assistant" and "<tool_call>" not in m["content"]
+        ]
+        for turn, answer in zip(example.meta["turns"], answers, strict=True):
+            assert str(turn["truth"]["boxes"][0]) in answer  # found on the second search, answered with it
+        for call, text in zip(calls, tools, strict=True):
+            if "threshold" in call["arguments"]:  # the retry follows a search that found nothing
+                assert call["arguments"]["threshold"] < 0.3 and text.startswith("found 1 box")
+                retried += 1
+            else:
+                assert text.startswith("no box for") and "above threshold 0.3" in text
+        assert len(calls) == 2 * len(answers)
+    assert retried >= 12
+    # without misses, one search per turn as before
+    plain = world_example(0, WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2))
+    assert sum(m["role"] == "tool" for m in plain.messages) == len(plain.meta["turns"])

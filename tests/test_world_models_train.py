@@ -59,6 +59,39 @@ def test_detector_continues_from_a_trained_export_with_its_heads(detector_run, t
     assert stage.tokenizer("a red frisbee")["input_ids"]  # the export's own tokenizer
 
 
+def test_detector_resized_to_a_larger_input_equals_interpolated_position_embeddings(detector_run, tmp_path):
+    from transformers import AutoProcessor, OwlViTForObjectDetection
+
+    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage, resize_detector
+
+    model = OwlViTForObjectDetection.from_pretrained(detector_run / "export").float().eval()
+    resized = resize_detector(model, 64).eval()  # 2x2 patches -> 4x4
+    assert resized.box_bias.shape == (16, 4) and resized.config.vision_config.image_size == 64
+    tokens = AutoProcessor.from_pretrained(detector_run / "export").tokenizer(
+        ["dog", "ball"], padding=True, return_tensors="pt"
+    )
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(**tokens, pixel_values=pixels, interpolate_pos_encoding=True)
+        out = resized(**tokens, pixel_values=pixels)
+    assert out.logits.shape == (1, 16, 2)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.pred_boxes, ref.pred_boxes)
+    assert resize_detector(model, 32) is model
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        resize_detector(model, 40)
+    # a stage continued at 64 px exports a processor that feeds 64 px images to the tools
+    stage = DetectorStage(
+        DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export"), image_size=64)
+    )
+    stage.export(tmp_path / "export")
+    processor = AutoProcessor.from_pretrained(tmp_path / "export")
+    assert processor.image_processor.size == {"height": 64, "width": 64}
+    tools = build_tools({"grounding": {"backend": "inhouse", "model": str(tmp_path / "export")}})
+    found = tools["grounding"](image=render_scene(sample_scene(1)), phrase="dog", threshold=0.0)
+    assert len(found.artifact["boxes"]) > 0
+
+
 def test_encoder_trains_resumes_and_exports(encoder_run, tmp_path):
     log = [json.loads(line) for line in (encoder_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the default bundle (bundle/) is made, stage by stage, on the 2-core CPU machine (about 2 hours in all).
+# How the default bundle (bundle/) is made, stage by stage, on the 2-core CPU machine (each run an hour or less).
 # Every stage resumes from its run folder's checkpoint when run again; run one at a time (2 cores).
 # Usage: bash finetune/recipes/build_bundle.sh [STAGE ...]   (default: all, in order)
 set -euo pipefail
@@ -12,7 +12,9 @@ stage_encoder()   { $PY -m toolvlm.finetune.train_world encoder   $R/world_encod
 stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml --export-only  # + vision/ for the controller
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector/export                      # the counting threshold
+  # the bundle's detector: 3000 more steps at 320 px (the controller keeps the 224 px tower of runs/detector)
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector_more.yaml
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector_more/export                 # the counting threshold
 }
 stage_captioner() { $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml; }
 stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
@@ -22,10 +24,12 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2.yaml model.base=runs/controller_stage1/model
   # more stage 2 on fresh conversations, from that adapter (the bundle's fourth controller continued the third's)
   $TOOLVLM finetune $R/controller_stage2_more.yaml model.adapter=runs/controller_stage2/adapter
+  # and once more, with grounding searches that find nothing and are made again (the fifth continued the fourth's)
+  $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector captioner=runs/captioner \
-    generator=runs/generator controller=runs/controller_stage2_more
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector_more captioner=runs/captioner \
+    generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json > bundle/metrics_world.json
   $TOOLVLM eval controller --json > bundle/metrics_controller.json
 }
