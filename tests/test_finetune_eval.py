@@ -8,6 +8,7 @@ import pytest
 from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
 
 from toolvlm.agent.controllers import ScriptedController
+from toolvlm.finetune.build_world import IfNeeded
 from toolvlm.finetune.eval_controller import (
     answer_boxes,
     answer_number,
@@ -22,8 +23,13 @@ from toolvlm.finetune.eval_controller import (
 N = 16
 
 
+def _script(n: int = N) -> list:
+    """Every turn's scripted replies in order; the eval's oracle never misses, so no retry branch is taken."""
+    return [r for _, turn in plan_eval(n) for r in turn.replies if not isinstance(r, IfNeeded)]
+
+
 def _perfect(n: int = N) -> ScriptedController:
-    return ScriptedController([r for _, turn in plan_eval(n) for r in turn.replies])
+    return ScriptedController(_script(n))
 
 
 def test_perfect_scripted_controller_scores_one():
@@ -52,9 +58,7 @@ def test_wrong_replies_score_lower():
     silent = evaluate_controller(ScriptedController([lambda m, i: "I am not sure."] * 100), n=N)
     assert silent["SR_act"] < 1.0 and silent["SR_args"] == 0.0 and silent["SR"] < 0.5
     swapped = [
-        r.replace('"name": "counter"', '"name": "grounding"') if isinstance(r, str) else r
-        for _, turn in plan_eval(N)
-        for r in turn.replies
+        r.replace('"name": "counter"', '"name": "grounding"') if isinstance(r, str) else r for r in _script()
     ]
     report = evaluate_controller(ScriptedController(swapped + ["I am not sure."] * 50), n=N)
     assert report["SR_act"] < 1.0 and report["by_task"]["count"]["SR_act"] == 0.0
@@ -90,7 +94,9 @@ def test_eval_cli_runs_a_saved_tiny_controller(tmp_path, tiny_lm_dir, capsys):  
 def test_a_subset_of_tasks_is_evaluated_and_each_turns_calls_are_kept():
     planned = plan_eval(4, tasks=("count", "generate"))
     assert [turn.task for _, turn in planned] == ["count", "generate", "count", "generate"]
-    scripted = ScriptedController([r for _, turn in planned for r in turn.replies])
+    scripted = ScriptedController(
+        [r for _, turn in planned for r in turn.replies if not isinstance(r, IfNeeded)]
+    )
     report = evaluate_controller(scripted, n=4, tasks=("count", "generate"))
     assert set(report["by_task"]) == {"count", "generate"} and report["SR"] == 1.0
     generate = next(t for t in report["turns"] if t["task"] == "generate")
