@@ -6,7 +6,8 @@ rendering the edited layout with the world renderer, registering the new scene s
 generated image is exact too (or, with `count_noise`, sometimes off by a few, as a real detector is, so that
 a controller trained on these conversations learns to report what the tools said rather than guess; with
 `miss_rate`, a phrase naming one object sometimes finds nothing at the default threshold, as a real detector's
-weak box does, and is found at a low one (the oracle's default thresholds are the bundle detector's), so that the controller learns to retry lower). Because
+weak box does, and is found at a low one, so that the controller learns to search again lower; the oracle's
+default thresholds are the bundle detector's). Because
 the tools are `GroundingTool`, `CounterTool` and `GeneratorTool` themselves, their texts, drawn images and
 artifacts are exactly what the real tools give the controller: the data builders and the controller evaluation
 need no tool weights.
@@ -145,8 +146,8 @@ class OracleDetector(Detector):
 
     def _detect_one(self, scene: Scene, phrase: str, key: str, threshold: float) -> list[Detection]:
         """The phrase's exact boxes; with the oracle's `count_noise`, a group of 2+ sometimes loses or gains a
-        few; with `miss_rate`, a single object is sometimes found only at thresholds <= MISS_SCORE (the same answer every
-        time this image is asked for this phrase)."""
+        few; with `miss_rate`, a single object is sometimes found only at thresholds <= MISS_SCORE (the same
+        answer every time this image is asked for this phrase)."""
         boxes = [[float(v) for v in scene.objects[i].box] for i in phrase_targets(scene, phrase)]
         digest = hashlib.sha256(f"{self.oracle.seed}|{key}|{normalize_phrase(phrase)}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
