@@ -215,6 +215,10 @@ def _last_tool_text(messages: list[dict[str, Any]]) -> str:
     return _text(next(m for m in reversed(messages) if m["role"] == "tool"))
 
 
+def _found_nothing(messages: list[dict[str, Any]]) -> bool:
+    return _last_tool_text(messages).startswith(NO_BOX_TEXT)
+
+
 def _text(message: dict[str, Any]) -> str:
     return "\n".join(p.get("text", "") for p in message["content"] if p.get("type") == "text")
 
@@ -279,12 +283,12 @@ class Planner:
         answer = f"Here is the {name}: {_box_text(box)}."
 
         def final(messages: list[dict[str, Any]], _images: list[Any]) -> str:
-            if _last_tool_text(messages).startswith(NO_BOX_TEXT):
+            if _found_nothing(messages):
                 return f"I could not find the {name} in the image."
             return answer[:-1] + f" (drawn in {last_new_image(messages)})."
 
         def retry_or_final(messages: list[dict[str, Any]], images: list[Any]) -> str:
-            if _last_tool_text(messages).startswith(NO_BOX_TEXT):
+            if _found_nothing(messages):
                 return call("grounding", **args, threshold=RETRY_THRESHOLD)
             return final(messages, images)
 
