@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from toolvlm.finetune.generated_set import GeneratedScenes
 from toolvlm.finetune.train_common import TrainConfig, fp16_copy
 from toolvlm.finetune.train_encoder import (
     EncoderConfig,
@@ -62,6 +63,10 @@ class DetectorConfig(TrainConfig):
     prior_logit: float = -4.0
     init_logit_scale: float = 10.0
     p_lowres: float = 0.2  # share of images blurred like the 64 px generator's, so counts read back on them
+    generated: str = (
+        ""  # a generated set (finetune/generated_set.py): the generator's samples of known layouts
+    )
+    p_generated: float = 0.0  # share of batch images drawn from it (category queries only)
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -206,14 +211,32 @@ class DetectorStage:
         self.data = WorldScenes(
             "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres
         )
+        self.generated = None
+        if config.p_generated > 0:
+            if not config.generated:
+                raise ValueError("p_generated > 0 needs `generated`: a folder from finetune/generated_set.py")
+            self.generated = GeneratedScenes(config.generated, image_size=vision.image_size)
+
+    def items(self, step: int) -> list[tuple[dict[str, Any], bool]]:
+        """The batch's images with whether their colours are the scene's (False: a generated sample)."""
+        c = self.config
+        pick = random.Random(c.seed * 7_000_003 + step)
+        items = []
+        for i in range(c.batch_size):
+            if self.generated is not None and pick.random() < c.p_generated:
+                items.append((self.generated[pick.randrange(len(self.generated))], False))
+            else:
+                items.append((self.data[step * c.batch_size + i], True))
+        return items
 
     def batch(self, step: int) -> dict[str, Any]:
         """Images, the batch's distinct phrases (tokenised once) and per-image query indices and targets."""
         c = self.config
         rng = random.Random(c.seed * 1_000_003 + step)
-        items = [self.data[step * c.batch_size + i] for i in range(c.batch_size)]
+        items = self.items(step)
         targets = [
-            detection_target(it["ann"], rng, c.max_colour, c.max_referring, c.negatives) for it in items
+            detection_target(it["ann"], rng, c.max_colour, c.max_referring, c.negatives, colours_known=known)
+            for it, known in items
         ]
         unique = sorted({p for t in targets for p in t.phrases})
         where = {p: i for i, p in enumerate(unique)}
@@ -225,7 +248,7 @@ class DetectorStage:
             valid[b, : len(t.phrases)] = True
         tokens = self.tokenizer(unique, padding=True, truncation=True, return_tensors="pt")
         return {
-            "pixels": torch.stack([it["pixels"] for it in items]),
+            "pixels": torch.stack([it["pixels"] for it, _ in items]),
             "tokens": tokens,
             "index": index,
             "valid": valid,

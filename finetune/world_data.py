@@ -157,8 +157,13 @@ def detection_target(
     max_referring: int = 4,
     negatives: int = 4,
     p_plural: float = 0.2,
+    colours_known: bool = True,
 ) -> DetectionTarget:
-    """Queries for one image: every present category, colour phrases, referring expressions, absent phrases."""
+    """Queries for one image: every present category, colour phrases, referring expressions, absent phrases.
+    Without `colours_known` (an image whose colours are not the scene's, as a generated one) the queries are
+    only present and absent categories."""
+    if not colours_known:
+        max_colour = max_referring = 0
     objects = ann["objects"]
     phrases: list[str] = []
     kinds: list[str] = []
@@ -194,8 +199,9 @@ def detection_target(
             add(expr["text"], "referring", [expr["target"]])
     absent = [c for c in CATEGORIES if c not in present]
     absent_colours = [p for p in colour_phrases() if p not in colours]
-    pool = rng.sample(absent, min(len(absent), negatives - negatives // 2))
-    pool += rng.sample(absent_colours, min(len(absent_colours), negatives // 2))
+    n_colour = negatives // 2 if colours_known else 0
+    pool = rng.sample(absent, min(len(absent), negatives - n_colour))
+    pool += rng.sample(absent_colours, min(len(absent_colours), n_colour))
     for phrase in pool:
         add(phrase, "negative", [])
     boxes = [normalised_cxcywh(o["box"], ann["width"], ann["height"]) for o in objects]

@@ -168,6 +168,23 @@ def test_v_prediction_trains_on_the_velocity_and_survives_save_and_load(tmp_path
         LayoutDiffusion.build(LayoutDiffusionConfig(prediction_type="x0"))
 
 
+def test_a_batch_of_samples_equals_the_samples_one_by_one():
+    import numpy as np
+
+    from toolvlm.tools.layout_diffusion import LayoutDiffusionConfig
+
+    config = LayoutDiffusionConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+    model = LayoutDiffusion.build(config)
+    layouts = [Layout(16, 16, [[2, 2, 8, 12]], ["person"]), Layout(16, 16, [[4, 1, 14, 15]], ["tree"])]
+    batch = model.generate_many(layouts, seeds=[5, 9], steps=3)
+    for layout, seed, image in zip(layouts, [5, 9], batch, strict=True):
+        alone = np.asarray(model.generate(layout, seed=seed, steps=3), dtype=int)
+        assert np.abs(np.asarray(image, dtype=int) - alone).max() <= 1
+    assert np.asarray(batch[0]).tolist() != np.asarray(batch[1]).tolist()
+    with pytest.raises(ValueError, match="seeds"):
+        model.generate_many(layouts, seeds=[1], steps=1)
+
+
 def test_new_people_stand_below_the_horizon_and_are_taller_than_wide():
     import random
 

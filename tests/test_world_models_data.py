@@ -50,6 +50,19 @@ def test_detection_target_positives_follow_the_phrases():
     assert all(0 <= v <= 1 for box in t.boxes for v in box[:2])
 
 
+def test_detection_target_without_known_colours_asks_only_categories():
+    from toolvlm.finetune.world import CATEGORIES
+    from toolvlm.finetune.world_text import plural
+
+    ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
+    t = detection_target(ann, random.Random(0), negatives=4, colours_known=False)
+    words = set(CATEGORIES) | {plural(c) for c in CATEGORIES}
+    assert set(t.kinds) == {"category", "negative"} and set(t.phrases) <= words
+    assert t.kinds.count("negative") == 4  # all four negatives are absent categories
+    assert t.kinds.count("category") == len({o["category"] for o in ann["objects"]})
+    assert all(pos for pos in t.positives)
+
+
 def test_presence_statements_match_scenes():
     scene = scene_from_spec({"objects": [{"category": "dog", "box": [10, 150, 60, 190]}]})
     ann = annotate(scene)

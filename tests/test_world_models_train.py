@@ -141,6 +141,45 @@ def generator_run(tmp_path_factory) -> Path:
     return run_stage("generator", None, [*overrides, "block_out_channels=[8, 16]", "norm_num_groups=4"])
 
 
+def test_generated_set_resumes_and_feeds_the_detector_category_queries(generator_run, detector_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from toolvlm.finetune.generated_set import GeneratedScenes, read_samples, write_generated_set
+    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
+    from toolvlm.finetune.world import annotate
+    from toolvlm.finetune.world_data import layout_of, scene_seed
+    from toolvlm.tools.layout_diffusion import LayoutDiffusion
+
+    folder, generator = tmp_path / "generated", generator_run / "export"
+    assert write_generated_set(generator, folder, n=3, steps=1, batch_size=2) == 3
+    assert write_generated_set(generator, folder, n=5, steps=1, batch_size=2) == 2  # resumed, not redone
+    records = read_samples(folder)
+    assert [r["seed"] for r in records] == [0, 1, 2, 3, 4] and len({r["index"] for r in records}) == 5
+    item = GeneratedScenes(str(folder), image_size=32)[4]
+    ann = annotate(sample_scene(scene_seed("train", records[4]["index"])))
+    assert item["ann"] == ann and item["image"].size == (ann["width"], ann["height"])
+    assert item["pixels"].shape == (3, 32, 32)
+    # the stored image is the generator's own sample of that scene's layout with that seed
+    again = LayoutDiffusion.from_pretrained(generator).generate(layout_of(ann), seed=4, steps=1)
+    stored = np.asarray(Image.open(folder / records[4]["image"]), dtype=int)
+    assert np.abs(np.asarray(again, dtype=int) - stored).max() <= 1
+
+    config = DetectorConfig(
+        run_dir=str(tmp_path / "det"), continue_from=str(detector_run / "export"), batch_size=3,
+        generated=str(folder), p_generated=1.0,
+    )  # fmt: skip
+    stage = DetectorStage(config)
+    batch = stage.batch(0)
+    assert all(set(t.kinds) <= {"category", "negative"} for t in batch["targets"])
+    loss, parts = stage.loss(batch)
+    assert torch.isfinite(loss) and parts["cls"] > 0
+    with pytest.raises(ValueError, match="generated"):
+        DetectorStage(
+            DetectorConfig(run_dir=str(tmp_path / "d2"), continue_from=config.continue_from, p_generated=0.5)
+        )
+
+
 def test_captioner_loads_in_the_captioner_tool(captioner_run):
     run = captioner_run
     tools = build_tools(

@@ -177,22 +177,28 @@ class LayoutDiffusion:
 
     def generate(self, layout: Layout, seed: int = 0, steps: int = 50) -> Image.Image:
         """Sample an image of the layout (square, image_size pixels); deterministic given the seed."""
+        return self.generate_many([layout], [seed], steps)[0]
+
+    def generate_many(self, layouts: list[Layout], seeds: list[int], steps: int = 50) -> list[Image.Image]:
+        """Sample one image per (layout, seed) in one batch; image k is `generate(layouts[k], seeds[k])`."""
         import torch
         from diffusers import DDIMScheduler
 
+        if len(layouts) != len(seeds):
+            raise ValueError(f"{len(layouts)} layouts but {len(seeds)} seeds")
         size = self.config.image_size
         sampler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=True, set_alpha_to_one=True)
         sampler.set_timesteps(max(1, steps))
         param = next(self.unet.parameters())
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn((1, 3, size, size), generator=generator).to(param.device, param.dtype)
-        cond = self.conditioning(layout).to(param.device, param.dtype)
+        noise = [torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        x = torch.cat(noise).to(param.device, param.dtype)
+        cond = torch.cat([self.conditioning(layout) for layout in layouts]).to(param.device, param.dtype)
         with torch.inference_mode():
             for t in sampler.timesteps:
                 output = self.unet(torch.cat([x, cond], dim=1), t).sample
                 x = sampler.step(output, t, x, eta=0.0).prev_sample
-        array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array, mode="RGB")
+        arrays = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arrays]
 
 
 def default_boxes_for(counts: dict[str, int], size: int, seed: int) -> Layout:
