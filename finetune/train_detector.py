@@ -6,6 +6,8 @@ the encoder was pretrained with (`init_from`: the encoder's export folder; empty
 trained detector's export, to train it further). Queries per image
 are world phrases: every present category (sometimes plural), colour phrases ('person in a red shirt'), referring
 expressions ('the red frisbee next to the dog', positive only on their target) and absent phrases (negatives).
+With `generated` and `p_generated`, that share of each batch is the generator's own samples of known layouts
+(finetune/generated_set.py), asked category queries only, so that counts read back on generated images.
 
 Loss (DETR / OWL-ViT): each ground-truth object is matched one-to-one to a patch by Hungarian matching
 (scipy's linear_sum_assignment) on cost = w_class * (-mean prob of the object's queries) + w_l1 * L1(box) +
@@ -63,9 +65,7 @@ class DetectorConfig(TrainConfig):
     prior_logit: float = -4.0
     init_logit_scale: float = 10.0
     p_lowres: float = 0.2  # share of images blurred like the 64 px generator's, so counts read back on them
-    generated: str = (
-        ""  # a generated set (finetune/generated_set.py): the generator's samples of known layouts
-    )
+    generated: str = ""  # a generated set (finetune/generated_set.py): generator samples of known layouts
     p_generated: float = 0.0  # share of batch images drawn from it (category queries only)
 
 
