@@ -5,7 +5,9 @@ grammar lets the model write free text, and once it writes `<tool_call>` (a lazy
 `{"name": <a tool>, "arguments": <that tool's schema>}` and the closing tag, any number of times. Image
 arguments are narrowed to the handles that exist; strings and arrays without a bound get one, so a weak model
 cannot run on forever inside a call. `ToolCallLogitsProcessor` applies the grammar as a transformers logits
-processor (it works with `model.generate` and with toolvlm's cached engine).
+processor (it works with `model.generate` and with toolvlm's cached engine); with the engine it also
+fast-forwards: the parts of a call the grammar fixes (`{"name": "`, the rest of a tool's name, `", "arguments":
+{"image": "img_0", ...`) are fed in one forward pass, not decoded token by token (24 of a box call's 35 tokens).
 
 Why llguidance: one wheel with no Python dependencies that installs beside torch 2.13 CPU; it builds its token
 tables from any HF fast tokenizer in milliseconds, has lazy triggers for calls inside free text, and computed a
@@ -148,7 +150,11 @@ class ToolCallGrammar:
 
 
 class ToolCallLogitsProcessor:
-    """A transformers logits processor enforcing a tool-call grammar on the generated tokens (any batch)."""
+    """A transformers logits processor enforcing a tool-call grammar on the generated tokens (any batch).
+
+    `forced_tokens` says which tokens the grammar allows as the only continuation (llguidance's fast-forward:
+    inside a call, `{"name": "`, the rest of a tool's name, `", "arguments": {"image": "` ...), so that an
+    engine can feed them in one forward instead of decoding them one by one."""
 
     def __init__(self, compiler: ToolCallGrammar, grammar: str):
         self.compiler = compiler
@@ -157,22 +163,30 @@ class ToolCallLogitsProcessor:
         self.words = (self.n_vocab + 31) // 32
         self.matchers: list[Any] | None = None
         self._mask: np.ndarray | None = None  # one row of 32-bit words per sequence: bit i allows token i
+        self._length = 0  # tokens of the sequences the matchers have seen (the prompt, then generated ones)
+
+    def _consume(self, rows: list[list[int]]) -> None:
+        """Feed each matcher the tokens of its row beyond what it has seen."""
+        assert self.matchers is not None
+        for matcher, row in zip(self.matchers, rows, strict=True):
+            if matcher.is_stopped():
+                continue
+            for token in row[self._length :]:
+                if not matcher.consume_token(int(token)):
+                    raise RuntimeError(
+                        f"constrained decoding: token {int(token)} was generated against the grammar "
+                        f"({matcher.get_error()}); another logits processor may have undone the mask"
+                    )
+        self._length = len(rows[0])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
         if self.matchers is None:
             self.matchers = [self.compiler.matcher(self.grammar) for _ in range(batch)]
             self._mask = np.zeros((batch, self.words), dtype=np.uint32)
+            self._length = input_ids.shape[1]
         else:
-            for row, matcher in enumerate(self.matchers):
-                if matcher.is_stopped():
-                    continue
-                token = int(input_ids[row, -1])
-                if not matcher.consume_token(token):
-                    raise RuntimeError(
-                        f"constrained decoding: token {token} was generated against the grammar "
-                        f"({matcher.get_error()}); another logits processor may have undone the mask"
-                    )
+            self._consume(input_ids.tolist())
         for row, matcher in enumerate(self.matchers):
             matcher.unsafe_compute_mask_ptr(self._mask[row].ctypes.data, self.words * 4)
         allowed = np.unpackbits(self._mask.view(np.uint8), axis=1, bitorder="little")
@@ -181,3 +195,11 @@ class ToolCallLogitsProcessor:
             allowed = np.pad(allowed, ((0, 0), (0, width - allowed.shape[1])))
         blocked = torch.from_numpy(allowed[:, :width] == 0).to(scores.device)
         return scores.masked_fill(blocked, float("-inf"))
+
+    def forced_tokens(self, sequence: list[int]) -> list[int]:
+        """The tokens the grammar forces after `sequence` (prompt + generated so far; batch of one), [] when
+        the next token is the model's choice."""
+        if self.matchers is None or len(self.matchers) != 1 or self.matchers[0].is_stopped():
+            return []
+        self._consume([sequence])
+        return list(self.matchers[0].compute_ff_tokens())

@@ -128,3 +128,25 @@ def test_agent_passes_processor_to_controller():
     processors = [c.options["logits_processor"] for c in controller.calls]
     assert all(len(p) == 1 for p in processors)
     assert json.dumps(["img_0"]) in processors[0][0].grammar or "img_0" in processors[0][0].grammar
+
+
+def test_processor_forces_the_fixed_parts_of_a_call_and_leaves_free_text_to_the_model(grammar):
+    tokenizer, compiled = grammar
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    processor = compiled.logits_processor(SCHEMAS, ["img_0"], mode="auto")
+    prompt = encode("How many people?")
+    assert processor.forced_tokens(prompt) == []  # before the first mask: nothing is known yet
+    processor(torch.tensor([prompt]), torch.zeros(1, len(tokenizer)))
+    assert processor.forced_tokens([*prompt, *encode("Let me")]) == []  # free text is the model's choice
+    opened = [*prompt, *encode("Let me<tool_call>")]
+    forced = processor.forced_tokens(opened)
+    assert tokenizer.decode(forced) == '{"name": "'
+    named = [*opened, *forced, *encode("counter")]
+    rest = tokenizer.decode(processor.forced_tokens(named))
+    assert rest.startswith('", "arguments": {"image": "img_0", "phrase":'), rest  # the only image handle
+    # the forced tokens are consumed like generated ones: the next mask allows only the string's opening,
+    # ' "' (in one token or two: fast-forward stops where the next token could still merge with it)
+    sequence = [*named, *encode(rest)]
+    scores = processor(torch.tensor([sequence]), torch.zeros(1, len(tokenizer)))
+    allowed = torch.isfinite(scores[0]).nonzero().flatten().tolist()
+    assert allowed and all(' "'.startswith(tokenizer.decode([t])) for t in allowed)

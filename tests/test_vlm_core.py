@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from fixtures_vlm import chat, n_images, random_image, save_tiny_lm, tiny_lm_dir, tiny_spec  # noqa: F401
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from toolvlm.vlm import UnsupportedCheckpointError, VLMSpec, build_vlm, load_vlm
 from toolvlm.vlm.base_lm import MissingWeightsError, load_causal_lm, resolve_lm_source
@@ -245,3 +245,43 @@ def test_grown_embeddings_equal_transformers_resize_with_mean_rows(tied):
     assert (ours.lm_head.weight.data_ptr() == ours.get_input_embeddings().weight.data_ptr()) == tied
     ids = torch.tensor([[1, 150, 7]])
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
+
+
+class _Forcing:
+    """A logits processor that forces `tokens` after the first generated one: by fast-forward (`forced_tokens`,
+    as the tool-call grammar does) or, with `fast=False`, by masking every other token at each step."""
+
+    def __init__(self, prompt_length: int, tokens: list[int], fast: bool) -> None:
+        self.start, self.tokens, self.fast = prompt_length + 1, tokens, fast
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = input_ids.shape[1] - self.start
+        if self.fast or not 0 <= k < len(self.tokens):
+            return scores
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.tokens[k]] = 0.0
+        return out
+
+    def forced_tokens(self, sequence: list[int]) -> list[int]:
+        return self.tokens if self.fast and len(sequence) == self.start else []
+
+
+def test_forced_tokens_are_fed_in_one_pass_with_the_same_result_as_decoding_them(tiny_vlm):
+    from toolvlm.vlm.engine import SamplingConfig
+
+    engine, r = tiny_vlm.engine, tiny_vlm.render(chat(1), [random_image(3)], add_generation_prompt=True)
+    forced = [5, 9, 13, 21]
+
+    def run(fast: bool, **config) -> list[int]:
+        engine.reset()
+        procs = LogitsProcessorList([_Forcing(len(r.input_ids), forced, fast)])
+        cfg = SamplingConfig(**{"max_new_tokens": 12, **config})
+        return list(engine.generate(r.input_ids, r.images, r.image_spans, cfg, procs))
+
+    fast = run(True)
+    assert engine.stats.forced_tokens == len(forced) and engine.stats.generated_tokens == len(fast) == 12
+    slow = run(False)
+    assert engine.stats.forced_tokens == 0
+    assert fast == slow and fast[1:5] == forced  # the cache after the forced pass is the decoded one's
+    assert run(True, max_new_tokens=3) == fast[:3]  # forced tokens count towards the budget
+    assert run(True, stop_token_ids=[13]) == fast[:3]  # a forced end of turn (the third forced) ends it

@@ -6,6 +6,8 @@
   is compared with it position by position (image positions compare by image, not by placeholder id); the
   cache is cropped to the common prefix and only the rest is prefilled. Greedy output is the same as
   recomputing from scratch (a test and `bench/cache_reuse.py` check it).
+- Forced tokens: a logits processor with `forced_tokens(sequence)` (the tool-call grammar) can name tokens that
+  are the only continuation; they are fed in one forward pass instead of one decoding step each.
 
 The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
 """
@@ -51,6 +53,7 @@ class EngineStats:
     reused_tokens: int = 0
     prefilled_tokens: int = 0
     generated_tokens: int = 0
+    forced_tokens: int = 0  # of the generated: fed together after a grammar forced them (no decoding step)
     encoded_images: int = 0
     cached_images: int = 0
 
@@ -189,14 +192,15 @@ class LlavaEngine:
         self._cache_keys = keys
         return logits
 
-    def _step(self, token: int) -> torch.Tensor:
-        embeds = self.model.get_input_embeddings()(torch.tensor([[token]], device=self.device))
+    def _step(self, tokens: list[int]) -> torch.Tensor:
+        """Run new tokens (one decoded, or several forced) through the model on the cache."""
+        embeds = self.model.get_input_embeddings()(torch.tensor([tokens], device=self.device))
         try:
             logits = self._forward(embeds)
         except BaseException:  # e.g. Ctrl-C mid-token
             self._cache, self._cache_keys = None, []
             raise
-        self._cache_keys.append(token)
+        self._cache_keys.extend(tokens)
         return logits
 
     # -- decoding -----------------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ class LlavaEngine:
         logits = self.prefill(ids, images, image_spans, use_cache=use_cache)
         history = list(ids)  # prompt + generated ids, as logits processors read them
         generated: list[int] = []
-        for _ in range(cfg.max_new_tokens):
+        while len(generated) < cfg.max_new_tokens:
             scores = procs(torch.tensor([history]), logits) if procs else logits
             if cfg.do_sample:
                 probs = torch.softmax(scores, dim=-1).cpu()
@@ -243,10 +247,32 @@ class LlavaEngine:
                 token = int(scores.argmax(dim=-1)[0])
             if token in cfg.stop_token_ids:
                 break
-            generated.append(token)
-            self.stats.generated_tokens += 1
-            yield token
-            if should_stop is not None and should_stop(generated):
-                break
-            history.append(token)
-            logits = self._step(token)
+            new = [token, *self._forced(procs, [*history, token])]
+            new = new[: cfg.max_new_tokens - len(generated)]
+            ended = next((i for i, t in enumerate(new) if t in cfg.stop_token_ids), None)
+            if ended is not None:  # a forced end of turn: the reply is complete
+                new = new[:ended]
+            for t in new:
+                generated.append(t)
+                self.stats.generated_tokens += 1
+                yield t
+                if should_stop is not None and should_stop(generated):
+                    return
+            if ended is not None:
+                return
+            self.stats.forced_tokens += len(new) - 1
+            history.extend(new)
+            logits = self._step(new)
+
+    @staticmethod
+    def _forced(procs: LogitsProcessorList, sequence: list[int]) -> list[int]:
+        """Tokens a processor forces after `sequence`, fed in one forward pass instead of decoded one by one:
+        a grammar's fast-forward, the bytes it allows as the only continuation in their canonical tokens (the
+        split the model was trained on)."""
+        for proc in procs:
+            forced = getattr(proc, "forced_tokens", None)
+            if forced is not None:
+                tokens = forced(sequence)
+                if tokens:
+                    return tokens
+        return []
