@@ -222,31 +222,6 @@ def test_vision_encoder_from_a_local_checkpoint(tmp_path, tiny_lm_dir, kind):  #
     assert isinstance(vlm.generate(chat(1), [random_image(0)], max_new_tokens=3), str)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_grown_embeddings_equal_transformers_resize_with_mean_rows(tied):
-    from toolvlm.vlm.builder import grow_embeddings
-
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=tied,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ours, theirs = LlamaForCausalLM(config), LlamaForCausalLM(config)
-    theirs.load_state_dict(ours.state_dict())
-    grow_embeddings(ours, 130)
-    theirs.resize_token_embeddings(130, pad_to_multiple_of=64, mean_resizing=False)
-    with torch.no_grad():
-        theirs.get_input_embeddings().weight[100:] = theirs.get_input_embeddings().weight[:100].mean(0)
-        if not tied:
-            theirs.lm_head.weight[100:] = theirs.lm_head.weight[:100].mean(0)
-    assert ours.config.vocab_size == theirs.config.vocab_size == 192
-    for name, tensor in theirs.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0)
-    assert (ours.lm_head.weight.data_ptr() == ours.get_input_embeddings().weight.data_ptr()) == tied
-    ids = torch.tensor([[1, 150, 7]])
-    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
-
-
 class _Forcing:
     """A logits processor that forces `tokens` after the first generated one: by fast-forward (`forced_tokens`,
     as the tool-call grammar does) or, with `fast=False`, by masking every other token at each step."""

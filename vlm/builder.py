@@ -90,27 +90,15 @@ def grow_embeddings(lm, vocab_size: int) -> None:
     """Resize the LM's embeddings to `vocab_size` (padded to 64); new rows are the mean of the old ones.
 
     The mean, not a random draw: a base rebuilt from its parts (a portable adapter's) must come out the same every
-    time, and the image token's row is never an input (image features replace it). The matrices are built here
-    rather than by `resize_token_embeddings`, which first draws a random (vocab x hidden) init to overwrite."""
-    rows = -(-vocab_size // 64) * 64
-    embedding = lm.get_input_embeddings()
-    head = lm.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
-
-    def grown(weight: torch.Tensor) -> torch.nn.Parameter:
-        with torch.no_grad():
-            out = torch.empty((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-            out[: weight.shape[0]] = weight
-            out[weight.shape[0] :] = weight.mean(dim=0)
-        return torch.nn.Parameter(out, requires_grad=weight.requires_grad)
-
-    embedding.weight = grown(embedding.weight)
-    embedding.num_embeddings = rows
-    if head is not None:
-        head.weight = embedding.weight if tied else grown(head.weight)
-        head.out_features = rows
-    lm.config.get_text_config().vocab_size = rows
-    lm.vocab_size = rows
+    time, and the image token's row is never an input (image features replace it)."""
+    old_rows = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        weight = lm.get_input_embeddings().weight
+        weight[old_rows:] = weight[:old_rows].mean(dim=0)
+        head = lm.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != weight.data_ptr():
+            head.weight[old_rows:] = head.weight[:old_rows].mean(dim=0)
 
 
 def build_processor(spec: VLMSpec, config: LlavaConfig, tokenizer, image_processor) -> LlavaProcessor:
