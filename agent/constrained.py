@@ -165,19 +165,19 @@ class ToolCallLogitsProcessor:
         self._mask: np.ndarray | None = None  # one row of 32-bit words per sequence: bit i allows token i
         self._length = 0  # tokens of the sequences the matchers have seen (the prompt, then generated ones)
 
-    def _consume(self, rows: list[list[int]]) -> None:
-        """Feed each matcher the tokens of its row beyond what it has seen."""
+    def _consume(self, new: list[list[int]]) -> None:
+        """Feed each matcher its row's tokens since the last call (`new`: one list per row, of equal length)."""
         assert self.matchers is not None
-        for matcher, row in zip(self.matchers, rows, strict=True):
+        for matcher, row in zip(self.matchers, new, strict=True):
             if matcher.is_stopped():
                 continue
-            for token in row[self._length :]:
+            for token in row:
                 if not matcher.consume_token(int(token)):
                     raise RuntimeError(
                         f"constrained decoding: token {int(token)} was generated against the grammar "
                         f"({matcher.get_error()}); another logits processor may have undone the mask"
                     )
-        self._length = len(rows[0])
+        self._length += len(new[0])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
@@ -186,7 +186,7 @@ class ToolCallLogitsProcessor:
             self._mask = np.zeros((batch, self.words), dtype=np.uint32)
             self._length = input_ids.shape[1]
         else:
-            self._consume(input_ids.tolist())
+            self._consume(input_ids[:, self._length :].tolist())
         for row, matcher in enumerate(self.matchers):
             matcher.unsafe_compute_mask_ptr(self._mask[row].ctypes.data, self.words * 4)
         allowed = np.unpackbits(self._mask.view(np.uint8), axis=1, bitorder="little")
@@ -201,5 +201,5 @@ class ToolCallLogitsProcessor:
         the next token is the model's choice."""
         if self.matchers is None or len(self.matchers) != 1 or self.matchers[0].is_stopped():
             return []
-        self._consume([sequence])
+        self._consume([sequence[self._length :]])
         return list(self.matchers[0].compute_ff_tokens())
