@@ -31,6 +31,7 @@ WORLD_PARTS = ("encoder", "detector", "captioner", "generator")
 TRAIN_CONFIG = "train_config.yaml"  # the resolved recipe a controller run writes
 CONTROLLER_PROMPTS = "compact"  # the prompt file the controller recipes train with
 CONTROLLER_VISION = "vision"  # the controller's own copy of the vision tower it was trained with
+DRAFT_TEXTS = 1500  # training replies kept as the controller's draft corpus
 
 
 def copy_part(run: Path, out: Path) -> None:
@@ -81,6 +82,7 @@ def base_spec(run: Path) -> Any:
 def copy_controller(run: Path, out: Path, vision: Path) -> None:
     """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, with a copy of the vision tower folder
     `vision` it was trained with (a CLIPVisionModel; later training of its source must not change it)."""
+    from toolvlm.vlm.drafting import CORPUS_FILE, write_corpus
     from toolvlm.vlm.lora import make_portable
 
     adapter = run / "adapter"
@@ -99,7 +101,40 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     half_safetensors(out / "adapter_model.safetensors")
     make_portable(out, spec)
     shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
+    texts = draft_texts(run)
+    if texts:
+        write_corpus(texts, out / CORPUS_FILE)
     (out / "README.md").write_text(controller_card(out))  # in place of peft's empty template
+
+
+def draft_texts(run: Path, limit: int = DRAFT_TEXTS) -> list[str]:
+    """The first `limit` distinct assistant replies of a controller run's training data (its `data.train` files
+    and its built world data, where they still are): the corpus the engine drafts from (`vlm/drafting.py`)."""
+    from toolvlm.finetune.data import load_examples
+
+    config = yaml.safe_load((run / TRAIN_CONFIG).read_text())
+    sources = [*(config.get("data") or {}).get("train", []), *sorted((run / "data").glob("*/*.jsonl"))]
+    texts: dict[str, None] = {}
+    for source in sources:
+        if not Path(source).exists():
+            log.warning("draft corpus: training data %s is gone; skipped", source)
+            continue
+        for example in load_examples(source):
+            for message in example.messages:
+                content = message.get("content")
+                if (
+                    message["role"] == "assistant"
+                    and isinstance(content, str)
+                    and message.get("supervise", True)
+                ):
+                    texts.setdefault(content)
+                    if len(texts) >= limit:
+                        return list(texts)
+    if not texts:
+        log.warning(
+            "draft corpus: no training replies found for %s; the controller decodes without drafts", run
+        )
+    return list(texts)
 
 
 def controller_card(folder: Path) -> str:

@@ -8,8 +8,10 @@ import yaml
 from fixtures_vlm import chat, random_image, tiny_lm_dir, tiny_spec  # noqa: F401
 
 from toolvlm.agent.profiles import load_profile
+from toolvlm.finetune.data import Example, write_jsonl
 from toolvlm.finetune.export_bundle import export_bundle
 from toolvlm.vlm import build_vlm, load_vlm
+from toolvlm.vlm.drafting import CORPUS_FILE, read_corpus
 from toolvlm.vlm.lora import LoRASpec, apply_lora, save_adapter
 
 
@@ -31,6 +33,8 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     expected = tuned.generate(messages, images, max_new_tokens=8)
     save_adapter(tuned, run / "adapter")
     (run / "train_config.yaml").write_text(yaml.safe_dump({"model": {"base": "the run's recipe"}}))
+    reply = {"role": "assistant", "content": expected}
+    write_jsonl(run / "data" / "world" / "world.jsonl", [Example([*messages, reply], images)])
 
     bundle = tmp_path / "bundle"
     other = build_vlm(
@@ -51,7 +55,9 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(controller / "adapter_model.safetensors").values()} == {torch.float16}
+    assert read_corpus(controller / CORPUS_FILE) == [expected]  # its training replies, to draft from
     reloaded = load_vlm(controller, dtype="float32")
+    assert reloaded.drafter is not None
     assert reloaded.generate(messages, images, max_new_tokens=8) == expected
     profile = load_profile(bundle / "profile.yaml")
     assert profile.controller["model"] == str(controller) and profile.agent["prompts"] == "compact"

@@ -8,6 +8,9 @@
   recomputing from scratch (a test and `bench/cache_reuse.py` check it).
 - Forced tokens: a logits processor with `forced_tokens(sequence)` (the tool-call grammar) can name tokens that
   are the only continuation; they are fed in one forward pass instead of one decoding step each.
+- Drafted tokens (greedy decoding, with a `drafter`, see `drafting.py`): guessed next tokens are fed with the
+  decoded one in one forward pass; the longest prefix the model agrees with (its argmax after the logits
+  processors, position by position) is kept, the rest is cropped from the cache. The text is the greedy text.
 
 The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
 """
@@ -28,6 +31,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .drafting import Drafter
 from .images import image_key
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ class EngineStats:
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     forced_tokens: int = 0  # of the generated: fed together after a grammar forced them (no decoding step)
+    drafted_tokens: int = 0  # guesses a drafter proposed (checked in the forward pass of the decoded token)
+    accepted_tokens: int = 0  # of the generated: guesses the model agreed with
+    forward_passes: int = 0  # after the prefill
     encoded_images: int = 0
     cached_images: int = 0
 
@@ -145,10 +152,11 @@ class LlavaEngine:
                 embeds[0, lo - start : hi - start] = feat[lo - a : hi - a].to(embeds.dtype)
         return embeds
 
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1)
+    def _forward(self, embeds: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Logits of the last `keep` positions, (keep, vocab)."""
+        out = self.model(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=keep)
         self._cache = out.cache
-        return out.logits[:, -1, :].float()
+        return out.logits[0, -keep:, :].float()
 
     @torch.inference_mode()
     def prefill(
@@ -192,16 +200,24 @@ class LlavaEngine:
         self._cache_keys = keys
         return logits
 
-    def _step(self, tokens: list[int]) -> torch.Tensor:
-        """Run new tokens (one decoded, or several forced) through the model on the cache."""
+    def _step(self, tokens: list[int], keep: int = 1) -> torch.Tensor:
+        """Run new tokens (one decoded, several forced, or decoded + drafted) through the model on the cache;
+        logits of the last `keep` positions."""
         embeds = self.model.get_input_embeddings()(torch.tensor([tokens], device=self.device))
         try:
-            logits = self._forward(embeds)
+            logits = self._forward(embeds, keep)
         except BaseException:  # e.g. Ctrl-C mid-token
             self._cache, self._cache_keys = None, []
             raise
         self._cache_keys.extend(tokens)
+        self.stats.forward_passes += 1
         return logits
+
+    def _drop(self, n: int) -> None:
+        """Forget the cache's last `n` positions (rejected drafts)."""
+        if n > 0:
+            self._cache.crop(-n)
+            del self._cache_keys[-n:]
 
     # -- decoding -----------------------------------------------------------------------------------------
 
@@ -228,27 +244,26 @@ class LlavaEngine:
         logits_processor: LogitsProcessorList | None = None,
         use_cache: bool = True,
         should_stop: Callable[[list[int]], bool] | None = None,
+        drafter: Drafter | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids one by one; stops at a stop token (not yielded) or `max_new_tokens`."""
+        """Yield generated token ids one by one; stops at a stop token (not yielded) or `max_new_tokens`.
+        A `drafter` speeds up greedy decoding (ignored when sampling) without changing its tokens."""
         cfg = config or SamplingConfig()
         generator = None
         if cfg.do_sample and cfg.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         procs = self._processors(cfg, logits_processor)
+        if cfg.do_sample:
+            drafter = None
         logits = self.prefill(ids, images, image_spans, use_cache=use_cache)
         history = list(ids)  # prompt + generated ids, as logits processors read them
         generated: list[int] = []
         while len(generated) < cfg.max_new_tokens:
-            scores = procs(torch.tensor([history]), logits) if procs else logits
-            if cfg.do_sample:
-                probs = torch.softmax(scores, dim=-1).cpu()
-                token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
-            else:
-                token = int(scores.argmax(dim=-1)[0])
+            token = self._choose(procs, history, logits, cfg.do_sample, generator)
             if token in cfg.stop_token_ids:
                 break
-            new = [token, *self._forced(procs, [*history, token])]
-            new = new[: cfg.max_new_tokens - len(generated)]
+            forced = self._forced(procs, [*history, token])
+            new = [token, *forced][: cfg.max_new_tokens - len(generated)]
             ended = next((i for i, t in enumerate(new) if t in cfg.stop_token_ids), None)
             if ended is not None:  # a forced end of turn: the reply is complete
                 new = new[:ended]
@@ -258,11 +273,48 @@ class LlavaEngine:
                 yield t
                 if should_stop is not None and should_stop(generated):
                     return
-            if ended is not None:
+            if ended is not None or len(generated) >= cfg.max_new_tokens:
                 return
             self.stats.forced_tokens += len(new) - 1
             history.extend(new)
-            logits = self._step(new)
+            draft = []
+            if drafter is not None and not forced:
+                draft = drafter.propose(history, cfg.max_new_tokens - len(generated))
+            rows = self._step(new + draft, keep=len(draft) + 1)
+            accepted = []
+            for i, guess in enumerate(draft):  # keep the guesses the model itself would have decoded
+                if (
+                    guess in cfg.stop_token_ids
+                    or self._choose(procs, history + accepted, rows[i : i + 1]) != guess
+                ):
+                    break  # (the loop decodes the end of turn itself)
+                accepted.append(guess)
+            self._drop(len(draft) - len(accepted))
+            self.stats.drafted_tokens += len(draft)
+            self.stats.accepted_tokens += len(accepted)
+            for t in accepted:
+                generated.append(t)
+                self.stats.generated_tokens += 1
+                yield t
+                if should_stop is not None and should_stop(generated):
+                    return
+            history.extend(accepted)
+            logits = rows[len(accepted) : len(accepted) + 1]
+
+    @staticmethod
+    def _choose(
+        procs: LogitsProcessorList,
+        history: list[int],
+        logits: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """The next token after `history`: sampled, or the argmax (greedy)."""
+        scores = procs(torch.tensor([history]), logits) if procs else logits
+        if sample:
+            probs = torch.softmax(scores, dim=-1).cpu()
+            return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+        return int(scores.argmax(dim=-1)[0])
 
     @staticmethod
     def _forced(procs: LogitsProcessorList, sequence: list[int]) -> list[int]:

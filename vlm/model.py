@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcesso
 from . import architecture  # noqa: F401  (registers the toolvlm_llava model type with transformers)
 from .chat import ChatMLRenderer, RenderedChat, TemplateRenderer
 from .config import VLMSpec, resolve_dtype
+from .drafting import CORPUS_FILE, NgramDrafter
 from .engine import LlavaEngine, SamplingConfig
 from .generic import load_processor
 from .images import ImageLike
@@ -65,6 +66,7 @@ class VLM:
 
             self.generic = GenericBackend(model, processor)
         self.stop_token_ids = self._stop_ids()
+        self.drafter: NgramDrafter | None = None  # speculative drafts for greedy decoding (`drafting.py`)
 
     # -- properties ---------------------------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class VLM:
         decoder = _IncrementalDecoder(self.tokenizer, stop)
         tokens = self.engine.generate(
             rendered.input_ids, rendered.images, rendered.image_spans, config, processors,
-            use_cache=use_cache, should_stop=decoder.stopped,
+            use_cache=use_cache, should_stop=decoder.stopped, drafter=self.drafter,
         )  # fmt: skip
         for token in tokens:
             delta = decoder.push(token)
@@ -270,7 +272,7 @@ def load_vlm(
     if Path(source, "adapter_config.json").is_file():
         from .lora import load_adapter
 
-        return load_adapter(source, dtype=dtype, device=device, merge=merge)
+        return _with_drafter(load_adapter(source, dtype=dtype, device=device, merge=merge), source)
     config = _read_config(source)
     model_type = config.get("model_type")
     torch_dtype = resolve_dtype(dtype, device)
@@ -285,6 +287,14 @@ def load_vlm(
     spec = VLMSpec.load(source) if Path(source).is_dir() else None
     vlm = VLM(model, processor, spec)
     vlm.source = source
+    return _with_drafter(vlm, source)
+
+
+def _with_drafter(vlm: VLM, source: str) -> VLM:
+    """Give a LLaVA-family VLM the draft corpus saved next to its weights, if there is one."""
+    corpus = Path(source, CORPUS_FILE)
+    if vlm.is_llava and corpus.is_file():
+        vlm.drafter = NgramDrafter.from_file(corpus, vlm.tokenizer, stop_token_ids=vlm.stop_token_ids)
     return vlm
 
 
