@@ -163,6 +163,8 @@ not shown (the profile's agent options). It was trained on world conversations o
 world's categories and colours, not real photographs.
 
 - Load: `toolvlm.vlm.load_vlm("path/to/{folder.name}")` (the base is built from `base.json`; nothing else needed).
+- Decoding: `draft_corpus.jsonl` holds replies of its training set; greedy decoding drafts from it (speculative
+  decoding with n-grams, `toolvlm/vlm/drafting.py`): faster, the same text.
 - How it was made: `recipe.yaml` (the resolved recipe); `finetune/recipes/build_bundle.sh` in the repository.
 - Scores: `bundle/metrics_controller.json` (`toolvlm eval controller --json`).
 """

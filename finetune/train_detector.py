@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from toolvlm.finetune.train_encoder import (
     owlvit_config,
     owlvit_processor,
 )
-from toolvlm.finetune.world_data import WorldScenes, detection_target
+from toolvlm.finetune.world import CATEGORIES, sample_scene
+from toolvlm.finetune.world_data import WorldScenes, detection_target, scene_seed
 from toolvlm.finetune.world_tokenizer import build_tokenizer, reorder_specials, special_ids
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class DetectorConfig(TrainConfig):
     p_lowres: float = 0.2  # share of images blurred like the 64 px generator's, so counts read back on them
     generated: str = ""  # a generated set (finetune/generated_set.py): generator samples of known layouts
     p_generated: float = 0.0  # share of batch images drawn from it (category queries only)
+    focus: list[str] = field(default_factory=list)  # categories to show more often (e.g. the weakest AP's)
+    p_focus: float = 0.0  # share of batch images drawn from training scenes that hold one of them
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -211,6 +214,9 @@ class DetectorStage:
         self.data = WorldScenes(
             "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres
         )
+        unknown = set(config.focus) - set(CATEGORIES)
+        if unknown or (config.p_focus > 0 and not config.focus):
+            raise ValueError(f"focus must name world categories when p_focus > 0; unknown: {sorted(unknown)}")
         self.generated = None
         if config.p_generated > 0:
             if not config.generated:
@@ -225,9 +231,20 @@ class DetectorStage:
         for i in range(c.batch_size):
             if self.generated is not None and pick.random() < c.p_generated:
                 items.append((self.generated[pick.randrange(len(self.generated))], False))
+            elif c.p_focus > 0 and pick.random() < c.p_focus:
+                items.append((self.data[self._focus_index(pick.randrange(len(self.data)))], True))
             else:
                 items.append((self.data[step * c.batch_size + i], True))
         return items
+
+    def _focus_index(self, start: int) -> int:
+        """The first training scene from `start` on that holds a focus category (the scene, not drawn)."""
+        for i in range(start, start + 1000):
+            i %= len(self.data)
+            counts = sample_scene(scene_seed(self.data.split, self.data.offset + i), self.data.world).counts()
+            if any(counts.get(category) for category in self.config.focus):
+                return i
+        raise ValueError(f"no training scene holds any of {self.config.focus} in 1000 tries")
 
     def batch(self, step: int) -> dict[str, Any]:
         """Images, the batch's distinct phrases (tokenised once) and per-image query indices and targets."""

@@ -180,6 +180,27 @@ def test_generated_set_resumes_and_feeds_the_detector_category_queries(generator
         )
 
 
+def test_detector_focus_draws_scenes_that_hold_the_focus_categories(detector_run, tmp_path):
+    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
+
+    def stage(**options) -> DetectorStage:
+        return DetectorStage(
+            DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export"), batch_size=8, **options)
+        )
+
+    def birds(s: DetectorStage, step: int) -> list[int]:
+        return [sum(o["category"] == "bird" for o in it["ann"]["objects"]) for it, _ in s.items(step)]
+
+    assert all(birds(stage(focus=["bird"], p_focus=1.0), 0))  # every image holds a bird
+    plain = [n for step in range(3) for n in birds(stage(), step)]
+    assert sum(n > 0 for n in plain) < len(plain)  # (about a quarter of world scenes do)
+    assert birds(stage(focus=["bird"], p_focus=1.0), 1) == birds(stage(focus=["bird"], p_focus=1.0), 1)
+    with pytest.raises(ValueError, match="focus must name world categories"):
+        stage(focus=["unicorn"], p_focus=0.5)
+    with pytest.raises(ValueError, match="focus must name world categories"):
+        stage(p_focus=0.5)
+
+
 def test_captioner_loads_in_the_captioner_tool(captioner_run):
     run = captioner_run
     tools = build_tools(
