@@ -185,7 +185,9 @@ def test_detector_focus_draws_scenes_that_hold_the_focus_categories(detector_run
 
     def stage(**options) -> DetectorStage:
         return DetectorStage(
-            DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export"), batch_size=8, **options)
+            DetectorConfig(
+                run_dir=str(tmp_path), continue_from=str(detector_run / "export"), batch_size=8, **options
+            )
         )
 
     def birds(s: DetectorStage, step: int) -> list[int]:
