@@ -2,8 +2,8 @@
 
 Modules: `config` (typed specs), `architecture` (LLaVA + pooling projector), `base_lm` (LLMs, GGUF, SmolLM2),
 `builder` (assemble from parts), `chat` (render conversations), `engine` (cached streaming generation),
-`generic` (other image-text-to-text models), `model` (the `VLM` interface), `lora` (LoRA / QLoRA),
-`images` (loading images with clear errors).
+`drafting` (n-gram drafts for speculative greedy decoding), `generic` (other image-text-to-text models),
+`model` (the `VLM` interface), `lora` (LoRA / QLoRA), `images` (loading images with clear errors).
 """
 
 from .config import VisionSpec, VLMSpec
