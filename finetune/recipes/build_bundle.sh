@@ -14,7 +14,9 @@ stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml --export-only  # + vision/ for the controller
   # the bundle's detector: 3000 more steps at 320 px (the controller keeps the 224 px tower of runs/detector)
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_more.yaml
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector_more/export                 # the counting threshold
+  # then 1400 more with a quarter of each batch from scenes holding a bird (the weakest category)
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector_focus.yaml continue_from=runs/detector_more/export
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector_focus/export                # the counting threshold
 }
 stage_captioner() { $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml; }
 stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
@@ -28,7 +30,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector_more captioner=runs/captioner \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector_focus captioner=runs/captioner \
     generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json > bundle/metrics_world.json
   $TOOLVLM eval controller --json > bundle/metrics_controller.json
