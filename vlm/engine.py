@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -267,12 +267,8 @@ class LlavaEngine:
             ended = next((i for i, t in enumerate(new) if t in cfg.stop_token_ids), None)
             if ended is not None:  # a forced end of turn: the reply is complete
                 new = new[:ended]
-            for t in new:
-                generated.append(t)
-                self.stats.generated_tokens += 1
-                yield t
-                if should_stop is not None and should_stop(generated):
-                    return
+            if (yield from self._emit(new, generated, should_stop)):
+                return
             if ended is not None or len(generated) >= cfg.max_new_tokens:
                 return
             self.stats.forced_tokens += len(new) - 1
@@ -292,14 +288,22 @@ class LlavaEngine:
             self._drop(len(draft) - len(accepted))
             self.stats.drafted_tokens += len(draft)
             self.stats.accepted_tokens += len(accepted)
-            for t in accepted:
-                generated.append(t)
-                self.stats.generated_tokens += 1
-                yield t
-                if should_stop is not None and should_stop(generated):
-                    return
+            if (yield from self._emit(accepted, generated, should_stop)):
+                return
             history.extend(accepted)
             logits = rows[len(accepted) : len(accepted) + 1]
+
+    def _emit(
+        self, tokens: list[int], generated: list[int], should_stop: Callable[[list[int]], bool] | None
+    ) -> Generator[int, None, bool]:
+        """Yield tokens as generated; True when the caller's `should_stop` ends the reply."""
+        for t in tokens:
+            generated.append(t)
+            self.stats.generated_tokens += 1
+            yield t
+            if should_stop is not None and should_stop(generated):
+                return True
+        return False
 
     @staticmethod
     def _choose(
