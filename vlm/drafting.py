@@ -106,9 +106,9 @@ class NgramDrafter:
         """Bring the sequence's own table up to `sequence`: extend it, or rebuild it for a new sequence."""
         known = len(self._indexed)
         if len(sequence) < known or list(sequence[:known]) != self._indexed:
-            self._history, known = _Table(self.config.max_n), 0
+            self._history, self._indexed, known = _Table(self.config.max_n), [], 0
         self._history.add(sequence, start=known)
-        self._indexed = list(sequence)
+        self._indexed.extend(sequence[known:])
 
     def _next(self, tokens: list[int]) -> int | None:
         n_seq, seen = self._history.lookup(tokens)
