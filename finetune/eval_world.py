@@ -249,7 +249,9 @@ def caption_items(text: str) -> set[tuple[str, ...]]:
         j = i + 1
         if j < len(words) and words[j] == "in":  # 'people in red and blue shirts', 'flowers in red and white'
             j += 1
-            while j < len(words) and (words[j] in COLOURS or words[j] in ("and", "a", "an")):
+            if j < len(words) and words[j] in ("a", "an"):  # 'a person in a red shirt'
+                j += 1
+            while j < len(words) and (words[j] in COLOURS or words[j] == "and"):
                 if words[j] in COLOURS:
                     items.add((category, words[j]))
                 j += 1

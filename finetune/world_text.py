@@ -228,18 +228,16 @@ def _join(parts: list[str]) -> str:
 
 
 def _group_phrase(category: str, objs: list[Object]) -> str:
-    """'two red balls', 'three balls in red and blue', 'two people in red and white shirts', 'about 40 people'."""
+    """'two red balls', 'three balls in red and blue', 'about 40 people in red, blue and white shirts'."""
     n = len(objs)
     colours = Counter(o.color for o in objs if o.color)
     counted = count_phrase(n, category, plural(category))
-    if not colours or len(colours) > 3 or (category == "person" and n > 12):
+    if not colours:
         return counted
-    if len(colours) == 1:
+    if len(colours) == 1 and n <= 12:
         (color,) = colours
-        return (
-            count_phrase(n, describe(category, color), describe(category, color, 2)) if n <= 12 else counted
-        )
-    names = _join(sorted(colours, key=lambda c: (-colours[c], c)))
+        return count_phrase(n, describe(category, color), describe(category, color, 2))
+    names = _join(sorted(colours))  # a fixed order: the list reads as the set of colours
     return f"{counted} in {names} shirts" if category == "person" else f"{counted} in {names}"
 
 
@@ -301,10 +299,10 @@ def _sentence_for(scene: Scene, cat: str, objs: list[Object]) -> str:
     if cat == "person" and n > 3:
         sizes = sorted(o.height for o in objs)
         depth = " Some stand close, others far away and small." if sizes[-1] > 2 * sizes[0] else ""
-        shirts = f"{_join(colours)} shirts" if len(colours) <= 3 else "shirts of many colours"
+        shirts = f"{_join(colours)} shirts"
         return f"{count_phrase(n, 'person', 'people').capitalize()} stand on the grass in {shirts}.{depth}"
     if n > 3:
-        tail = " in many colours" if len(colours) > 3 else f" in {_join(colours)}" if colours else ""
+        tail = f" in {_join(colours)}" if colours else ""
         return f"There are {count_phrase(n, cat, plural(cat))}{tail}."
     out = []
     for o in sorted(objs, key=lambda o: o.cx):

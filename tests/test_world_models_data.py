@@ -95,6 +95,12 @@ def test_caption_items_and_f1():
         ("tree",),
         ("sun",),
     } <= items
+    # the colour list ends at the next object: the white belongs to the house, not to the cars
+    items = caption_items(
+        "Two cars in orange and yellow and a white house by a road. A person in a red shirt."
+    )
+    assert {("car", "orange"), ("car", "yellow"), ("house", "white"), ("person", "red")} <= items
+    assert ("car", "white") not in items
     scene = scene_from_spec({"objects": [{"category": "frisbee", "color": "red", "box": [10, 150, 40, 160]}]})
     assert f1(caption_items("a red frisbee"), scene_items(scene)) == 1.0
     assert f1(caption_items("a blue car"), scene_items(scene)) == 0.0
