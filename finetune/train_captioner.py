@@ -1,7 +1,8 @@
 """Stage 3: the default captioner, transformers' BLIP architecture (BlipForConditionalGeneration) at small size.
 
 A ViT image encoder and a BERT-style text decoder with cross-attention, trained from scratch with the
-language-modelling loss on world captions: the one-sentence caption, or (with probability `p_paragraph`) the
+language-modelling loss on world captions (or trained further from a captioner's export folder,
+`continue_from`, whose tokenizer it keeps): the one-sentence caption, or (with probability `p_paragraph`) the
 paragraph, which starts differently ('The picture shows ...'), so greedy decoding from the bare BOS gives the
 sentence the captioner tool expects. Text uses the world byte-level BPE tokenizer (open vocabulary; BOS starts
 the decoder, EOS ends a caption, a separate PAD is masked out of the loss). Export: the model with a
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, vit_shape
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, vit_shape
 from toolvlm.finetune.world_data import CLIP_MEAN, CLIP_STD, WorldScenes, caption_text
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
 
@@ -44,6 +45,8 @@ class CaptionerConfig(TrainConfig):
     max_length: int = 160
     p_paragraph: float = 0.2
     tokenizer_scenes: int = 400  # scenes whose texts the BPE merges are learned from
+    continue_from: str = ""  # a trained captioner's export folder to train on (its tokenizer and sizes)
+    scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
 
 
 def blip_config(c: CaptionerConfig, tokenizer: Any) -> Any:
@@ -86,9 +89,16 @@ class CaptionerStage:
         from transformers import BlipForConditionalGeneration
 
         self.config = config
-        self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
-        self.model = BlipForConditionalGeneration(blip_config(config, self.tokenizer))
-        self.data = WorldScenes("train", length=10**8, offset=2 * 10**7, image_size=config.image_size)
+        if config.continue_from:
+            self.model, self.tokenizer = load_trained(
+                BlipForConditionalGeneration, config.continue_from, config.image_size
+            )
+        else:
+            self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
+            self.model = BlipForConditionalGeneration(blip_config(config, self.tokenizer))
+        self.data = WorldScenes(
+            "train", length=10**8, offset=2 * 10**7 + config.scene_offset, image_size=config.image_size
+        )
         self.pad_id = special_ids(self.tokenizer)["pad_token_id"]
 
     def batch(self, step: int) -> dict[str, Any]:

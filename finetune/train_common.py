@@ -202,6 +202,18 @@ def vit_shape(c: Any) -> dict[str, int]:
     )
 
 
+def load_trained(model_class: Any, folder: str, image_size: int | None = None) -> tuple[Any, Any]:
+    """A stage's exported model (in float32, to train on) and its tokenizer, from its export folder; with
+    `image_size`, a folder whose vision tower sees another size raises."""
+    from transformers import AutoTokenizer
+
+    model = model_class.from_pretrained(folder).float()
+    seen = model.config.vision_config.image_size
+    if image_size is not None and seen != image_size:
+        raise ValueError(f"{folder} sees {seen} px images, the recipe asks for image_size {image_size}")
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A float16 copy of a module for saving (the trained one stays float32)."""
     import copy

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from toolvlm.finetune.generated_set import GeneratedScenes
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained
 from toolvlm.finetune.train_encoder import (
     EncoderConfig,
     clip_vision_from_owlvit,
@@ -200,10 +200,9 @@ class DetectorStage:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         if config.continue_from:
-            from transformers import AutoTokenizer, OwlViTForObjectDetection
+            from transformers import OwlViTForObjectDetection
 
-            self.model = OwlViTForObjectDetection.from_pretrained(config.continue_from).float()
-            self.tokenizer = AutoTokenizer.from_pretrained(config.continue_from)
+            self.model, self.tokenizer = load_trained(OwlViTForObjectDetection, config.continue_from)
         else:
             self.model, self.tokenizer = load_detector_init(config.init_from, config.model)
             self.model.float()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, vit_shape
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, vit_shape
 from toolvlm.finetune.world import CATEGORIES
 from toolvlm.finetune.world_data import (
     CLIP_MEAN,
@@ -63,6 +63,7 @@ class EncoderConfig(TrainConfig):
     p_caption: float = 0.5
     w_presence: float = 0.0  # weight of the presence loss (CLIP zero-shot classification as a training task)
     tokenizer_scenes: int = 400  # scenes whose texts the BPE merges are learned from
+    continue_from: str = ""  # a trained encoder's export folder to train on (its tokenizer and sizes)
 
 
 def owlvit_config(c: EncoderConfig, tokenizer: Any) -> Any:
@@ -139,8 +140,11 @@ class EncoderStage:
         from transformers import OwlViTModel
 
         self.config = config
-        self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
-        self.model = OwlViTModel(owlvit_config(config, self.tokenizer))
+        if config.continue_from:
+            self.model, self.tokenizer = load_trained(OwlViTModel, config.continue_from, config.image_size)
+        else:
+            self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
+            self.model = OwlViTModel(owlvit_config(config, self.tokenizer))
         self.data = WorldScenes("train", length=10**8, image_size=config.image_size)
 
     def batch(self, step: int) -> dict[str, Any]:

@@ -134,6 +134,31 @@ def captioner_run(tmp_path_factory) -> Path:
     return run_stage("captioner", None, [f"run_dir={run}", "steps=1", "max_length=48", *TINY_TOWERS])
 
 
+@pytest.mark.parametrize("stage", ["encoder", "captioner"])
+def test_encoder_and_captioner_continue_from_a_trained_export(stage, encoder_run, captioner_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from toolvlm.finetune.train_world import stage_classes
+
+    run = {"encoder": encoder_run, "captioner": captioner_run}[stage]
+    saved = load_file(run / "export" / "model.safetensors")
+    config_class, stage_class = stage_classes(stage)
+    continued = stage_class(
+        config_class(run_dir=str(tmp_path), continue_from=str(run / "export"), image_size=32)
+    )
+    params = dict(continued.model.named_parameters())
+    assert set(saved) <= set(dict(continued.model.state_dict()))
+    for name in list(saved)[:: max(1, len(saved) // 8)]:
+        if name in params:
+            torch.testing.assert_close(params[name].detach(), saved[name].float())  # trained, not re-drawn
+    assert (
+        continued.tokenizer.get_vocab()
+        == json.loads((run / "export" / "tokenizer.json").read_text())["model"]["vocab"]
+    )  # the export's own tokenizer, not one learned again from today's world texts
+    with pytest.raises(ValueError, match="32 px"):
+        stage_class(config_class(run_dir=str(tmp_path), continue_from=str(run / "export"), image_size=64))
+
+
 @pytest.fixture(scope="module")
 def generator_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gen") / "run"
