@@ -8,7 +8,11 @@ PY=${PYTHON:-.venv/bin/python}
 TOOLVLM=${TOOLVLM:-.venv/bin/toolvlm}
 R=finetune/recipes
 
-stage_encoder()   { $PY -m toolvlm.finetune.train_world encoder   $R/world_encoder.yaml; }
+stage_encoder()   {
+  $PY -m toolvlm.finetune.train_world encoder   $R/world_encoder.yaml
+  # then 2000 more steps with the presence loss (the controller's and detector's towers come from runs/encoder)
+  $PY -m toolvlm.finetune.train_world encoder   $R/world_encoder_presence.yaml continue_from=runs/encoder/export
+}
 stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector.yaml --export-only  # + vision/ for the controller
@@ -18,7 +22,13 @@ stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_focus.yaml continue_from=runs/detector_more/export
   $PY -m toolvlm.finetune.calibrate_detector runs/detector_focus/export                # the counting threshold
 }
-stage_captioner() { $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml; }
+stage_captioner() {
+  $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml
+  # then twice more on captions that name every colour of a group (the second time on fresh scenes)
+  $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_colours.yaml continue_from=runs/captioner/export
+  $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_colours.yaml run_dir=runs/captioner_colours2 \
+    continue_from=runs/captioner_colours/export lr=2.0e-4 scene_offset=100000
+}
 stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
 stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
@@ -30,7 +40,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector_focus captioner=runs/captioner \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_presence detector=runs/detector_focus captioner=runs/captioner_colours2 \
     generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json > bundle/metrics_world.json
   $TOOLVLM eval controller --json > bundle/metrics_controller.json
