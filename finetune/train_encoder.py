@@ -11,6 +11,8 @@ each text is true of its own image only. With `w_presence`, each image is also c
 the same temperature (CLIP's zero-shot classifier, here supervised): the batch's many images with clouds make
 'a photo with a cloud' a weak InfoNCE positive, and this term asks the question the zero-shot test asks.
 
+A run can start from a trained encoder's export (`continue_from`, its tokenizer kept) instead of from scratch.
+
 Export (`export/`): the OwlViTModel with its tokenizer and an OwlViTProcessor, and `vision/`, the vision tower
 as a `CLIPVisionModel` folder (weights mapped one to one) for the VLM builder (`VisionSpec(checkpoint=...)`).
 """
