@@ -91,7 +91,7 @@ class CaptionerStage:
         self.config = config
         if config.continue_from:
             self.model, self.tokenizer = load_trained(
-                BlipForConditionalGeneration, config.continue_from, config.image_size
+                BlipForConditionalGeneration, config.continue_from, config
             )
         else:
             self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)

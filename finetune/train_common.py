@@ -202,15 +202,34 @@ def vit_shape(c: Any) -> dict[str, int]:
     )
 
 
-def load_trained(model_class: Any, folder: str, image_size: int | None = None) -> tuple[Any, Any]:
-    """A stage's exported model (in float32, to train on) and its tokenizer, from its export folder; with
-    `image_size`, a folder whose vision tower sees another size raises."""
+def load_trained(model_class: Any, folder: str, config: Any = None) -> tuple[Any, Any]:
+    """A stage's exported model (in float32, to train on) and its tokenizer, from its export folder. With the
+    run's `config`, a folder whose tower sees another image size raises, and the config's size fields take the
+    loaded model's sizes (the run's recipe.yaml then tells what was trained, not the defaults)."""
     from transformers import AutoTokenizer
 
     model = model_class.from_pretrained(folder).float()
-    seen = model.config.vision_config.image_size
-    if image_size is not None and seen != image_size:
-        raise ValueError(f"{folder} sees {seen} px images, the recipe asks for image_size {image_size}")
+    if config is not None:
+        seen = model.config.vision_config.image_size
+        if seen != config.image_size:
+            raise ValueError(
+                f"{folder} sees {seen} px images, the recipe asks for image_size {config.image_size}"
+            )
+        v, t = model.config.vision_config, model.config.text_config
+        sizes = {
+            "patch_size": v.patch_size,
+            "vision_width": v.hidden_size,
+            "vision_layers": v.num_hidden_layers,
+            "vision_heads": v.num_attention_heads,
+            "text_width": t.hidden_size,
+            "text_layers": t.num_hidden_layers,
+            "text_heads": t.num_attention_heads,
+            "max_length": t.max_position_embeddings,
+            "projection_dim": getattr(model.config, "projection_dim", None),
+        }
+        for name, value in sizes.items():
+            if hasattr(config, name) and value is not None:
+                setattr(config, name, value)
     return model, AutoTokenizer.from_pretrained(folder)
 
 

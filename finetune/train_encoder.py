@@ -143,7 +143,7 @@ class EncoderStage:
 
         self.config = config
         if config.continue_from:
-            self.model, self.tokenizer = load_trained(OwlViTModel, config.continue_from, config.image_size)
+            self.model, self.tokenizer = load_trained(OwlViTModel, config.continue_from, config)
         else:
             self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
             self.model = OwlViTModel(owlvit_config(config, self.tokenizer))

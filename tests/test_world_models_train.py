@@ -148,6 +148,8 @@ def test_encoder_and_captioner_continue_from_a_trained_export(stage, encoder_run
     )
     params = dict(continued.model.named_parameters())
     assert set(saved) <= set(dict(continued.model.state_dict()))
+    # the run's config (its recipe.yaml) takes the loaded sizes, not the defaults it was made with
+    assert (continued.config.vision_width, continued.config.text_layers) == (32, 1)
     for name in list(saved)[:: max(1, len(saved) // 8)]:
         if name in params:
             torch.testing.assert_close(params[name].detach(), saved[name].float())  # trained, not re-drawn
