@@ -2,10 +2,11 @@
 
 A ViT image encoder and a BERT-style text decoder with cross-attention, trained from scratch with the
 language-modelling loss on world captions (or trained further from a captioner's export folder,
-`continue_from`, whose tokenizer it keeps): the one-sentence caption, or (with probability `p_paragraph`) the
-paragraph, which starts differently ('The picture shows ...'), so greedy decoding from the bare BOS gives the
-sentence the captioner tool expects. Text uses the world byte-level BPE tokenizer (open vocabulary; BOS starts
-the decoder, EOS ends a caption, a separate PAD is masked out of the loss). Export: the model with a
+`continue_from`, whose tokenizer it keeps; a recipe at another `image_size` interpolates the tower's position
+embeddings): the one-sentence caption, or (with probability `p_paragraph`) the paragraph, which starts
+differently ('The picture shows ...'), so greedy decoding from the bare BOS gives the sentence the captioner tool
+expects. Text uses the world byte-level BPE tokenizer (open vocabulary; BOS starts the decoder, EOS ends a
+caption, a separate PAD is masked out of the loss). Export: the model with a
 BlipProcessor, the format of the tools' `inhouse` captioner backend.
 """
 

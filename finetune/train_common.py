@@ -202,21 +202,51 @@ def vit_shape(c: Any) -> dict[str, int]:
     )
 
 
+def resize_vision(model: Any, image_size: int) -> Any:
+    """The model rebuilt for square inputs of `image_size` pixels, its vision tower's patch-grid position
+    embeddings interpolated bicubically (as ViT, CLIP and OWL-ViT fine-tune at a higher resolution); everything
+    the config derives from the grid (OWL-ViT's box priors) is rebuilt with it. The same model when the size is
+    its own; a size that is not a multiple of the patch size raises."""
+    vision = model.config.vision_config
+    if image_size == vision.image_size:
+        return model
+    if image_size % vision.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision.patch_size}")
+    name, embeddings = next((n, m) for n, m in model.named_modules() if n.endswith("vision_model.embeddings"))
+    state = model.state_dict()
+    key = next(k for k in state if k.startswith(f"{name}.position_embedding"))
+    with torch.no_grad():
+        probe = torch.zeros((1, 1 + (image_size // vision.patch_size) ** 2, vision.hidden_size))
+        position = embeddings.interpolate_pos_encoding(probe, image_size, image_size)
+    state[key] = position[0] if state[key].dim() == 2 else position  # an Embedding's weight or a Parameter
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.vision_config.image_size = image_size
+    resized = model.__class__(config)
+    resized.load_state_dict(state)
+    log.info(
+        "%s resized from %d to %d px (%d patches)",
+        model.__class__.__name__,
+        vision.image_size,
+        image_size,
+        position.shape[1] - 1,
+    )
+    return resized.to(next(model.parameters()).dtype)
+
+
 def load_trained(model_class: Any, folder: str, config: Any = None) -> tuple[Any, Any]:
     """A stage's exported model (in float32, to train on) and its tokenizer, from its export folder. With the
-    run's `config`, a folder whose tower sees another image size raises, and the config's size fields take the
-    loaded model's sizes (the run's recipe.yaml then tells what was trained, not the defaults)."""
+    run's `config`, the model is resized to the config's image_size (`resize_vision`) when it saw another, and
+    the config's size fields take the loaded model's sizes (the run's recipe.yaml then tells what was trained,
+    not the defaults)."""
     from transformers import AutoTokenizer
 
     model = model_class.from_pretrained(folder).float()
     if config is not None:
-        seen = model.config.vision_config.image_size
-        if seen != config.image_size:
-            raise ValueError(
-                f"{folder} sees {seen} px images, the recipe asks for image_size {config.image_size}"
-            )
+        if config.image_size:
+            model = resize_vision(model, config.image_size)
         v, t = model.config.vision_config, model.config.text_config
         sizes = {
+            "image_size": v.image_size,
             "patch_size": v.patch_size,
             "vision_width": v.hidden_size,
             "vision_layers": v.num_hidden_layers,

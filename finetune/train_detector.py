@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from toolvlm.finetune.generated_set import GeneratedScenes
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained
+from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, resize_vision
 from toolvlm.finetune.train_encoder import (
     EncoderConfig,
     clip_vision_from_owlvit,
@@ -129,32 +129,6 @@ def load_detector_init(init_from: str, model_sizes: EncoderConfig | None) -> tup
     return OwlViTForObjectDetection(owlvit_config(sizes, tokenizer)), tokenizer
 
 
-def resize_detector(model: Any, image_size: int) -> Any:
-    """The detector rebuilt for square inputs of `image_size` pixels: the patch grid's position embeddings
-    interpolated bicubically (as ViT and OWL-ViT fine-tune at a higher resolution), box priors recomputed."""
-    from transformers import OwlViTForObjectDetection
-
-    vision = model.config.vision_config
-    if image_size == vision.image_size:
-        return model
-    if image_size % vision.patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision.patch_size}")
-    embeddings = model.owlvit.vision_model.embeddings
-    with torch.no_grad():
-        probe = torch.zeros((1, 1 + (image_size // vision.patch_size) ** 2, vision.hidden_size))
-        position = embeddings.interpolate_pos_encoding(probe, image_size, image_size)[0]
-    state = model.state_dict()
-    state["owlvit.vision_model.embeddings.position_embedding.weight"] = position
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.vision_config.image_size = image_size
-    resized = OwlViTForObjectDetection(config)
-    resized.load_state_dict(state)
-    log.info(
-        "detector resized from %d to %d px (%d patches)", vision.image_size, image_size, len(position) - 1
-    )
-    return resized.to(next(model.parameters()).dtype)
-
-
 def detector_outputs(
     model: Any,
     pixels: torch.Tensor,
@@ -208,7 +182,7 @@ class DetectorStage:
             self.model.float()
             reinit_heads(self.model, config.prior_logit, config.init_logit_scale)
         if config.image_size:
-            self.model = resize_detector(self.model, config.image_size)
+            self.model = resize_vision(self.model, config.image_size)
         vision = self.model.config.vision_config
         self.data = WorldScenes(
             "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres

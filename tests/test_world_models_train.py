@@ -62,10 +62,11 @@ def test_detector_continues_from_a_trained_export_with_its_heads(detector_run, t
 def test_detector_resized_to_a_larger_input_equals_interpolated_position_embeddings(detector_run, tmp_path):
     from transformers import AutoProcessor, OwlViTForObjectDetection
 
-    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage, resize_detector
+    from toolvlm.finetune.train_common import resize_vision
+    from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
 
     model = OwlViTForObjectDetection.from_pretrained(detector_run / "export").float().eval()
-    resized = resize_detector(model, 64).eval()  # 2x2 patches -> 4x4
+    resized = resize_vision(model, 64).eval()  # 2x2 patches -> 4x4
     assert resized.box_bias.shape == (16, 4) and resized.config.vision_config.image_size == 64
     tokens = AutoProcessor.from_pretrained(detector_run / "export").tokenizer(
         ["dog", "ball"], padding=True, return_tensors="pt"
@@ -77,9 +78,9 @@ def test_detector_resized_to_a_larger_input_equals_interpolated_position_embeddi
     assert out.logits.shape == (1, 16, 2)
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out.pred_boxes, ref.pred_boxes)
-    assert resize_detector(model, 32) is model
+    assert resize_vision(model, 32) is model
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        resize_detector(model, 40)
+        resize_vision(model, 40)
     # a stage continued at 64 px exports a processor that feeds 64 px images to the tools
     stage = DetectorStage(
         DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export"), image_size=64)
@@ -157,8 +158,18 @@ def test_encoder_and_captioner_continue_from_a_trained_export(stage, encoder_run
         continued.tokenizer.get_vocab()
         == json.loads((run / "export" / "tokenizer.json").read_text())["model"]["vocab"]
     )  # the export's own tokenizer, not one learned again from today's world texts
-    with pytest.raises(ValueError, match="32 px"):
-        stage_class(config_class(run_dir=str(tmp_path), continue_from=str(run / "export"), image_size=64))
+    # a recipe at another size continues at that size, the position embeddings interpolated
+    larger = stage_class(
+        config_class(run_dir=str(tmp_path), continue_from=str(run / "export"), image_size=64)
+    )
+    assert larger.config.image_size == larger.model.config.vision_config.image_size == 64
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = continued.model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+        out = larger.model.vision_model(pixel_values=pixels)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        stage_class(config_class(run_dir=str(tmp_path), continue_from=str(run / "export"), image_size=40))
 
 
 @pytest.fixture(scope="module")
