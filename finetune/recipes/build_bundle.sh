@@ -28,6 +28,8 @@ stage_captioner() {
   $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_colours.yaml continue_from=runs/captioner/export
   $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_colours.yaml run_dir=runs/captioner_colours2 \
     continue_from=runs/captioner_colours/export lr=2.0e-4 scene_offset=100000
+  # then at 320 px input, its position embeddings interpolated
+  $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_320.yaml continue_from=runs/captioner_colours2/export
 }
 stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
 stage_controller() {
@@ -40,7 +42,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_presence detector=runs/detector_focus captioner=runs/captioner_colours2 \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_presence detector=runs/detector_focus captioner=runs/captioner_320 \
     generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json > bundle/metrics_world.json
   $TOOLVLM eval controller --json > bundle/metrics_controller.json
