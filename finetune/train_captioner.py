@@ -6,8 +6,8 @@ language-modelling loss on world captions (or trained further from a captioner's
 embeddings): the one-sentence caption, or (with probability `p_paragraph`) the paragraph, which starts
 differently ('The picture shows ...'), so greedy decoding from the bare BOS gives the sentence the captioner tool
 expects. Text uses the world byte-level BPE tokenizer (open vocabulary; BOS starts the decoder, EOS ends a
-caption, a separate PAD is masked out of the loss). Export: the model with a
-BlipProcessor, the format of the tools' `inhouse` captioner backend.
+caption, a separate PAD is masked out of the loss). Export: the model with a BlipProcessor, the format of the
+tools' `inhouse` captioner backend.
 """
 
 from __future__ import annotations
