@@ -3,8 +3,10 @@
 A pixel-space diffusers UNet2DModel predicts the noise of world images resized to `image_size` (64 px first),
 given the rasterised layout of the scene's boxes and categories (one channel per world category plus the
 instance-centre map, see layout_diffusion.py). The loss is `LayoutDiffusion.training_loss` (noise MSE at a
-random DDPM timestep, seeded per step so that a resumed run draws the same noise). Export: `unet/` (fp16),
-`scheduler/` and `layout.json`, the format of the tools' `inhouse` generator backend.
+random DDPM timestep, seeded per step so that a resumed run draws the same noise). A run can start from a
+trained generator's export (`continue_from`; its architecture and conditioning must be the recipe's) and draw
+fresh scenes (`scene_offset`); `ema_decay` (train_common) exports the weights' moving average. Export: `unet/`
+(fp16), `scheduler/` and `layout.json`, the format of the tools' `inhouse` generator backend.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class GeneratorConfig(TrainConfig):
     norm_num_groups: int = 8
     centre_sigma: float = 0.25
     prediction_type: str = "epsilon"  # or "v_prediction"
+    continue_from: str = ""  # a trained generator's export folder to train on (same architecture)
+    scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
 
 
 class GeneratorStage:
@@ -58,10 +62,28 @@ class GeneratorStage:
             prediction_type=config.prediction_type,
         )
         self.pipe = LayoutDiffusion.build(self.layout_config)
+        if config.continue_from:
+            self.pipe = self.continued(config.continue_from)
         self.model = self.pipe.unet
         self.data = WorldScenes(
-            "train", length=10**8, offset=3 * 10**7, image_size=config.image_size, normalise=False
+            "train",
+            length=10**8,
+            offset=3 * 10**7 + config.scene_offset,
+            image_size=config.image_size,
+            normalise=False,
         )
+
+    def continued(self, folder: str) -> Any:
+        """The export in `folder` in float32, after checking it is the recipe's model (its layout.json)."""
+        from toolvlm.tools.layout_diffusion import LayoutDiffusion
+
+        trained = LayoutDiffusion.from_pretrained(folder)
+        if trained.config != self.layout_config:
+            raise ValueError(
+                f"{folder} holds another generator than the recipe's: {trained.config} != {self.layout_config}"
+            )
+        trained.unet.float()
+        return trained
 
     def batch(self, step: int) -> dict[str, Any]:
         """Images in [-1, 1] at image_size, their layout conditioning, and the step's noise generator."""

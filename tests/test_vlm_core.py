@@ -260,3 +260,26 @@ def test_forced_tokens_are_fed_in_one_pass_with_the_same_result_as_decoding_them
     assert fast == slow and fast[1:5] == forced  # the cache after the forced pass is the decoded one's
     assert run(True, max_new_tokens=3) == fast[:3]  # forced tokens count towards the budget
     assert run(True, stop_token_ids=[13]) == fast[:3]  # a forced end of turn (the third forced) ends it
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_grown_embeddings_keep_old_rows_and_add_mean_rows_padded_to_64(tied):
+    from toolvlm.vlm.builder import grow_embeddings
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+    lm = LlamaForCausalLM(config)
+    old_in = lm.get_input_embeddings().weight.detach().clone()
+    old_out = lm.get_output_embeddings().weight.detach().clone()
+    grow_embeddings(lm, 101)
+    new_in, new_out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    assert new_in.shape == new_out.shape == (128, 16) and lm.config.vocab_size == 128
+    torch.testing.assert_close(new_in[:100], old_in)
+    torch.testing.assert_close(new_in[100:], old_in.mean(0).expand(28, 16))
+    torch.testing.assert_close(new_out[:100], old_out)
+    torch.testing.assert_close(new_out[100:], old_out.mean(0).expand(28, 16))
+    assert (new_in.data_ptr() == new_out.data_ptr()) == tied
+    logits = lm(torch.tensor([[1, 127]])).logits
+    assert logits.shape == (1, 2, 128)
+    assert new_in.requires_grad and new_out.requires_grad

@@ -380,3 +380,75 @@ def test_detector_exports_its_vision_tower_and_ships_a_count_threshold(detector_
     assert tools["counter"](image=image, phrase="person").artifact["threshold"] == 0.0
     assert tools["grounding"](image=image, phrase="dog").artifact["threshold"] == 0.0
     assert tools["counter"](image=image, phrase="person", threshold=0.5).artifact["threshold"] == 0.5
+
+
+def test_generator_continues_from_a_trained_export(generator_run, tmp_path):
+    from toolvlm.finetune.train_generator import GeneratorConfig, GeneratorStage
+    from toolvlm.tools.layout_diffusion import LayoutDiffusion
+
+    export = generator_run / "export"
+    sizes = dict(image_size=16, block_out_channels=[8, 16], norm_num_groups=4, prediction_type="v_prediction")
+    stage = GeneratorStage(
+        GeneratorConfig(run_dir=str(tmp_path), continue_from=str(export), scene_offset=7, **sizes)
+    )
+    trained = LayoutDiffusion.from_pretrained(export).unet.state_dict()
+    for name, value in stage.model.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, trained[name].float())
+    assert stage.data.offset == 3 * 10**7 + 7
+    with pytest.raises(ValueError, match="another generator"):
+        GeneratorStage(GeneratorConfig(run_dir=str(tmp_path), continue_from=str(export), image_size=16))
+
+
+class LinearStage:
+    """A stage small enough to follow every weight: a 3 -> 1 linear layer fitting fixed targets."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(3, 1)
+        self.exported: dict[str, torch.Tensor] = {}
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+        return x, x.sum(1, keepdim=True)
+
+    def loss(self, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y), {}
+
+    def export(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.exported = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def test_ema_is_the_warmed_up_average_of_the_weights_and_is_exported_and_resumed(tmp_path):
+    from toolvlm.finetune.train_common import TrainConfig, load_checkpoint_into, train
+
+    def config(run: Path, steps: int, ema_decay: float = 0.5) -> TrainConfig:
+        # a constant learning rate, so that an n-step run's weights are a longer run's after n steps
+        return TrainConfig(run_dir=str(run), steps=steps, lr=0.1, warmup_steps=1, min_lr_ratio=1.0,
+                           ema_decay=ema_decay, bf16=False)  # fmt: skip
+
+    # runs without EMA give the weights after each step; the EMA follows them by hand
+    weights = []
+    for steps in range(1, 5):
+        plain = LinearStage()
+        train(plain, config(tmp_path / f"plain{steps}", steps, ema_decay=0.0))
+        weights.append(plain.exported["weight"])
+    average = weights[0]
+    for n, w in enumerate(weights[1:], start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        average = average + (w - average) * (1 - d)
+    straight = LinearStage()
+    train(straight, config(tmp_path / "ema", 4))
+    torch.testing.assert_close(straight.exported["weight"], average)
+    assert not torch.allclose(average, weights[-1])  # the export is the average, not the last weights
+
+    resumed = LinearStage()
+    train(resumed, config(tmp_path / "resumed", 2))
+    resumed = LinearStage()
+    train(resumed, config(tmp_path / "resumed", 4))  # from the step-2 checkpoint, EMA included
+    torch.testing.assert_close(resumed.exported["weight"], average)
+    fresh = torch.nn.Linear(3, 1)
+    assert load_checkpoint_into(fresh, tmp_path / "resumed") == 4
+    torch.testing.assert_close(fresh.weight.detach(), average)

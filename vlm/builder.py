@@ -87,18 +87,35 @@ def add_image_token(tokenizer, image_token: str) -> int:
 
 
 def grow_embeddings(lm, vocab_size: int) -> None:
-    """Resize the LM's embeddings to `vocab_size` (padded to 64); new rows are the mean of the old ones.
+    """Grow the LM's embeddings (and an untied output head) to `vocab_size` rows, padded to a multiple of 64;
+    new rows are the mean of the old ones.
 
     The mean, not a random draw: a base rebuilt from its parts (a portable adapter's) must come out the same every
-    time, and the image token's row is never an input (image features replace it)."""
-    old_rows = lm.get_input_embeddings().weight.shape[0]
-    lm.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    time, and the image token's row is never an input (image features replace it). Grown in place rather than by
+    `resize_token_embeddings`, which first fills a whole new matrix with random values (a third of a second for
+    SmolLM2's 49k x 576 at every load)."""
+    rows = -(-vocab_size // 64) * 64
+    embeddings = lm.get_input_embeddings()
+    head = lm.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
+
+    def grown(weight: torch.Tensor) -> torch.nn.Parameter:
+        old_rows = weight.shape[0]
+        new = weight.new_empty((rows, weight.shape[1]))
+        new[:old_rows] = weight
+        new[old_rows:] = weight.mean(dim=0)
+        return torch.nn.Parameter(new, requires_grad=weight.requires_grad)
+
     with torch.no_grad():
-        weight = lm.get_input_embeddings().weight
-        weight[old_rows:] = weight[:old_rows].mean(dim=0)
-        head = lm.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != weight.data_ptr():
-            head.weight[old_rows:] = head.weight[:old_rows].mean(dim=0)
+        embeddings.weight = grown(embeddings.weight)
+        embeddings.num_embeddings = rows
+        if tied:
+            head.weight = embeddings.weight
+        elif head is not None:
+            head.weight = grown(head.weight)
+        if head is not None:
+            head.out_features = rows
+    lm.config.get_text_config().vocab_size = rows
 
 
 def build_processor(spec: VLMSpec, config: LlavaConfig, tokenizer, image_processor) -> LlavaProcessor:
