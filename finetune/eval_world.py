@@ -14,8 +14,8 @@ a folder given on the command line, and is skipped with a note when its weights 
 - captioner: F1 of the (category) and (category, colour) items a caption mentions against the scene's objects;
   the reference captions' own F1 is reported as the ceiling of the metric.
 - generator: images from held-out layouts; a layout agrees when every category's count read back by the detector
-  is within 10% of the layout's (also per category, and for the world's own drawings of the layouts: the
-  ceiling the detector allows).
+  is within 10% of the layout's (also per category, pooled over every (layout, category) pair, and for the
+  world's own drawings of the layouts: the ceiling the detector allows).
 """
 
 from __future__ import annotations
@@ -347,9 +347,11 @@ def eval_generator(
         for c in CATEGORIES
         if any(c in a for a in generated)
     }
+    pairs = [ok for a in generated for ok in a.values()]  # every (layout, category) read back
     return {
         "count_agreement": float(np.mean([all(a.values()) for a in generated])) if scenes else None,
         "reference_agreement": float(np.mean([all(a.values()) for a in drawn])) if scenes else None,
+        "category_agreement": float(np.mean(pairs)) if pairs else None,
         "per_category": per_category,
         "n": len(scenes),
         "steps": steps,
