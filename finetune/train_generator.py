@@ -61,9 +61,10 @@ class GeneratorStage:
             centre_sigma=config.centre_sigma,
             prediction_type=config.prediction_type,
         )
-        self.pipe = LayoutDiffusion.build(self.layout_config)
         if config.continue_from:
             self.pipe = self.continued(config.continue_from)
+        else:
+            self.pipe = LayoutDiffusion.build(self.layout_config)
         self.model = self.pipe.unet
         self.data = WorldScenes(
             "train",

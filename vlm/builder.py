@@ -109,11 +109,8 @@ def grow_embeddings(lm, vocab_size: int) -> None:
     with torch.no_grad():
         embeddings.weight = grown(embeddings.weight)
         embeddings.num_embeddings = rows
-        if tied:
-            head.weight = embeddings.weight
-        elif head is not None:
-            head.weight = grown(head.weight)
         if head is not None:
+            head.weight = embeddings.weight if tied else grown(head.weight)
             head.out_features = rows
     lm.config.get_text_config().vocab_size = rows
 
