@@ -30,6 +30,9 @@ class ModelConfig:
     base: str | None = None
     spec: VLMSpec | None = None
     adapter: str | None = None
+    # with `adapter`: a vision checkpoint that replaces the tower of the adapter's base (a portable adapter), e.g.
+    # the same encoder fine-tuned further or at a higher resolution; it must be as wide as the projector's input
+    vision: str | None = None
     # frozen weights while training ("bfloat16" halves their memory; under bf16 autocast the arithmetic is the
     # same; "auto": bf16 where the device has fast bf16, else fp32); trainable weights are always fp32
     dtype: str = "float32"
@@ -102,6 +105,10 @@ class TrainConfig:
             )
         if self.model.adapter is not None and (self.stage != 2 or self.lora.qlora):
             raise ValueError("model.adapter continues a LoRA adapter: it needs stage 2 without qlora")
+        if self.model.vision is not None and self.model.adapter is None:
+            raise ValueError(
+                "model.vision replaces the tower of model.adapter's base: give model.adapter too"
+            )
         if self.lora.qlora and self.model.base is None:
             raise ValueError("lora.qlora needs model.base, a saved VLM folder to load in 4-bit")
         if self.grad_accum < 1 or self.pack_tokens < 16:

@@ -72,7 +72,7 @@ def load_model(config: TrainConfig) -> tuple[Any, str | None]:
     if config.model.adapter is not None:
         from toolvlm.vlm.lora import adapter_base
 
-        return adapter_base(config.model.adapter, dtype=config.model.dtype)
+        return adapter_base(config.model.adapter, dtype=config.model.dtype, vision=config.model.vision)
     if config.model.base is not None:
         return load_vlm(config.model.base, dtype=config.model.dtype), config.model.base
     return build_vlm(config.model.spec, dtype=config.model.dtype), None

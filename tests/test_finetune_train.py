@@ -168,6 +168,35 @@ def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_
     with pytest.raises(ValueError, match="exactly one of"):
         load_train_config(recipe, [f"model.adapter={portable}"])
 
+    # model.vision: the same adapter continued on another tower of the same width, here at 48 px (36 patches)
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    old = load_vlm(first / "out" / "base", dtype="float32").model.model.vision_tower
+    config = CLIPVisionConfig(**{**old.config.to_dict(), "image_size": 48})
+    torch.manual_seed(3)
+    sharper = CLIPVisionModel(config)
+    sharper.save_pretrained(tmp_path / "sharper")
+    overrides = [*overrides[:3], f"model.vision={tmp_path / 'sharper'}", f"output_dir={tmp_path / 'c'}"]
+    trainer = Trainer(load_train_config(recipe, overrides))
+    trainer.setup()
+    tower = trainer.vlm.model.base_model.model.model.vision_tower
+    assert tower.config.image_size == 48
+    for name, tensor in sharper.state_dict().items():  # the new tower's weights, not the adapter's base's
+        torch.testing.assert_close(tower.state_dict()[name].float(), tensor)
+    params = dict(trainer.vlm.model.named_parameters())
+    projector = "multi_modal_projector.modules_to_save.default.linear_1.weight"
+    torch.testing.assert_close(
+        next(v for k, v in params.items() if k.endswith(projector)).detach(),
+        saved["base_model.model.model.multi_modal_projector.linear_1.weight"].float(),
+    )
+    assert trainer.train().steps == 2
+    assert load_vlm(tmp_path / "c" / "base", dtype="float32").model.config.vision_config.image_size == 48
+    with pytest.raises(ValueError, match="give model.adapter too"):
+        load_train_config(recipe, [f"model.vision={tmp_path / 'sharper'}"])
+    with pytest.raises(ValueError, match="needs a portable adapter"):
+        overrides = ["lora.r=4", "model.spec=null", f"model.adapter={first / 'out' / 'adapter'}"]
+        Trainer(load_train_config(recipe, [*overrides, f"model.vision={tmp_path / 'sharper'}"])).setup()
+
 
 def test_checkpoint_and_resume_continue_the_step_count_and_the_loss(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
     first = tmp_path / "a"

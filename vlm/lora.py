@@ -129,11 +129,13 @@ def make_portable(folder: str | Path, base_spec: VLMSpec) -> Path:
     return folder
 
 
-def _portable_base(folder: Path, dtype: str | torch.dtype):
-    """Build the base of a portable adapter from its `base.json`."""
+def _portable_base(folder: Path, dtype: str | torch.dtype, vision: str | Path | None = None):
+    """Build the base of a portable adapter from its `base.json` (with `vision` as its tower, if given)."""
     from .builder import build_vlm
 
     spec = VLMSpec.from_dict(json.loads((folder / BASE_FILE).read_text()))
+    if vision is not None:
+        spec.vision.checkpoint = str(Path(vision).resolve())
     checkpoint = spec.vision.checkpoint
     if checkpoint and not Path(checkpoint).is_absolute():
         spec.vision.checkpoint = str((folder / checkpoint).resolve())
@@ -197,18 +199,29 @@ def fold_lora(model: torch.nn.Module, folder: str | Path) -> bool:
     return True
 
 
-def adapter_base(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+def adapter_base(
+    folder: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    vision: str | Path | None = None,
+):
     """The base model of a saved adapter, without the adapter: (VLM, its saved folder, or None for a portable
-    adapter's base, which is built from `base.json`)."""
+    adapter's base, which is built from `base.json`). `vision`: a vision checkpoint to build a portable
+    adapter's base with instead of its own tower (its width must match the projector's input)."""
     from .model import load_vlm
 
     folder = Path(folder)
     adapter_config = json.loads(Path(folder, "adapter_config.json").read_text())
     base_path = adapter_config.get("base_model_name_or_path")
     if (folder / BASE_FILE).is_file():
-        base = _portable_base(folder, dtype)
+        base = _portable_base(folder, dtype, vision)
         base.model.to(device)
         return base, None
+    if vision is not None:
+        raise ValueError(
+            f"the adapter in {folder} has a saved base ({base_path}); a new vision tower needs a portable "
+            "adapter (base.json), whose base is built"
+        )
     if not base_path or not Path(base_path, "config.json").is_file():
         raise FileNotFoundError(
             f"the adapter in {folder} points at a base model that is not here: {base_path!r}"
