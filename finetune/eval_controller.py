@@ -6,8 +6,9 @@ Scenes are drawn with a seed no training set uses, and the user's requests come 
 - SR_act: the first reply calls the expected tool, or no tool when the controller should answer itself;
 - SR_args: the first call's arguments are right (image handle; phrase, up to articles and plural; changes);
 - SR: the whole turn succeeds: right act, right arguments, and the task's answer is right;
-- task scores: describe F1 of the object categories mentioned, grounding IoU >= 0.5 rate, exact counts, yes/no
-  and colour answers, and generation with the requested count (the new image counted against the target).
+- task scores: describe F1 of the object categories mentioned, grounding IoU >= 0.5 rate (over the boxes expected
+  or given, whichever are more), exact counts, yes/no and colour answers, and generation with the requested count
+  (the new image counted against the target).
 
 Tools are the oracle tools of `world_oracle` (the real tool classes answering from the scene annotations) unless
 real tools are given (an Assistant's, or a profile's with weights present). With oracle tools the task scores
@@ -96,7 +97,8 @@ def answer_boxes(text: str) -> list[list[float]]:
 
 
 def box_match_rate(predicted: list[list[float]], truth: list[list[float]]) -> float:
-    """Fraction of true boxes matched one-to-one (greedy) by a predicted box at IoU >= 0.5."""
+    """True boxes matched one-to-one (greedy) by a predicted box at IoU >= 0.5, over the larger of the two counts:
+    an answer listing every box the tool found for 'the rightmost cloud' is not a grounding of it."""
     left = list(predicted)
     hits = 0
     for box in truth:
@@ -104,7 +106,7 @@ def box_match_rate(predicted: list[list[float]], truth: list[list[float]]) -> fl
         if best is not None and iou(best, box) >= 0.5:
             hits += 1
             left.remove(best)
-    return hits / len(truth) if truth else float(not predicted)
+    return hits / max(len(truth), len(predicted)) if truth else float(not predicted)
 
 
 def same_phrase(predicted: Any, expected: str) -> bool:

@@ -70,6 +70,10 @@ def test_scorers():
     assert answer_number("I see three dogs.") == 3 and answer_number("There are no dogs.") == 0
     assert answer_boxes("at [1, 2, 30.5, 40] and [5,6,7,8]") == [[1, 2, 30.5, 40], [5, 6, 7, 8]]
     assert box_match_rate([[0, 0, 10, 10]], [[1, 1, 10, 10], [50, 50, 60, 60]]) == 0.5
+    # extra boxes count against the answer: three clouds listed for "the rightmost cloud" is a third right
+    assert box_match_rate([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], [[40, 0, 50, 10]]) == 1 / 3
+    assert box_match_rate([[40, 0, 50, 10]], [[40, 0, 50, 10]]) == 1.0
+    assert box_match_rate([], []) == 1.0 and box_match_rate([[0, 0, 1, 1]], []) == 0.0
     assert same_phrase("people", "person") and same_phrase("The red car", "red car")
     assert not same_phrase("the dog", "the red dog")
     assert mentioned_categories("Two people and a sunny sky; trees.") == {"person", "sun", "tree"}
