@@ -22,6 +22,10 @@ stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_focus.yaml continue_from=runs/detector_more/export
   $PY -m toolvlm.finetune.calibrate_detector runs/detector_focus/export                # the counting threshold
 }
+stage_encoder_from_detector() {
+  # the bundle's encoder: the detector's OWL-ViT weights trained contrastively again with the presence loss
+  $PY -m toolvlm.finetune.train_world encoder   $R/world_encoder_from_detector.yaml continue_from=runs/detector_focus/export
+}
 stage_captioner() {
   $PY -m toolvlm.finetune.train_world captioner $R/world_captioner.yaml
   # then twice more on captions that name every colour of a group (the second time on fresh scenes)
@@ -49,7 +53,7 @@ stage_export() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(encoder detector controller captioner generator export)
+[ ${#stages[@]} -eq 0 ] && stages=(encoder detector encoder_from_detector controller captioner generator export)
 for s in "${stages[@]}"; do
   echo "== $s"; "stage_$s"
 done
