@@ -48,8 +48,8 @@ stage_controller() {
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_presence detector=runs/detector_focus captioner=runs/captioner_320 \
     generator=runs/generator controller=runs/controller_stage2_retry
-  $TOOLVLM eval world-models --json > bundle/metrics_world.json
-  $TOOLVLM eval controller --json > bundle/metrics_controller.json
+  $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
+  $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
 }
 
 stages=("$@")
