@@ -6,7 +6,8 @@ Each scene becomes one conversation of 1-3 user turns, each turn one task:
 - `vqa`: yes/no and colour questions, answered without a tool;
 - `ground` / `refer`: "put a box around the tree" -> grounding call -> the answer gives the box (with the
   oracle's `miss_rate`, the first search sometimes finds nothing: the controller searches once more at a low
-  threshold, then answers with the box, or that it found none);
+  threshold, then answers with the box, or that it found none; with `distractor_rate`, the search also finds
+  others of the object's kind, scored lower, and the answer gives the best box alone);
 - `ground_all`: "box all the dogs" -> grounding call -> every box;
 - `count`: "how many people are there?" -> counter call -> the number;
 - `generate`: "a similar image with double the people" -> counter -> generator with changes (the user's words
@@ -156,6 +157,9 @@ class WorldDataConfig:
     tool_images: bool = True  # show the images tools make (the agent option of that name must match)
     count_noise: float = 0.0  # chance that a group's boxes come back a few off (answers copy the tools)
     miss_rate: float = 0.0  # chance that one object is found only by a search at a low threshold
+    distractor_rate: float = (
+        0.0  # chance that a one-object phrase also finds others of its kind, scored lower
+    )
 
 
 @dataclass
@@ -472,7 +476,7 @@ def world_example(index: int, config: WorldDataConfig, system: str | None = None
     scene = sample_scene(seed)
     rng = random.Random(seed)
     turns = plan_conversation(scene, rng, config.phrasing, config.task_weights, config.max_turns)
-    oracle = WorldOracle(config.count_noise, seed, config.miss_rate)
+    oracle = WorldOracle(config.count_noise, seed, config.miss_rate, config.distractor_rate)
     messages, images = run_conversation(scene, turns, oracle, system, config.tool_images)
     meta = {
         "source": "world",

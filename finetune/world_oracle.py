@@ -6,8 +6,10 @@ rendering the edited layout with the world renderer, registering the new scene s
 generated image is exact too (or, with `count_noise`, sometimes off by a few, as a real detector is, so that
 a controller trained on these conversations learns to report what the tools said rather than guess; with
 `miss_rate`, a phrase naming one object sometimes finds nothing at the default threshold, as a real detector's
-weak box does, and is found at a low one, so that the controller learns to search again lower; the oracle's
-default thresholds are the bundle detector's). Because
+weak box does, and is found at a low one, so that the controller learns to search again lower; with
+`distractor_rate`, a phrase naming one object also finds other objects of its category at lower scores, as a real
+detector does for 'the rightmost cloud', so that the controller learns to answer with the best box rather than
+list them all; the oracle's default thresholds are the bundle detector's). Because
 the tools are `GroundingTool`, `CounterTool` and `GeneratorTool` themselves, their texts, drawn images and
 artifacts are exactly what the real tools give the controller: the data builders and the controller evaluation
 need no tool weights.
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 ORACLE_SCORE = 0.99
 MISS_SCORE = 0.15  # the score of a missed object: found only by a search at a threshold this low
+DISTRACTOR_SCORES = (0.3, 0.8)  # the range of scores of the other objects a one-object phrase finds too
+MAX_DISTRACTORS = 2
 THRESHOLDS = {"grounding_threshold": 0.3, "count_threshold": 0.3}  # as the bundle detector's calibration
 _ARTICLE = re.compile(r"^(the|a|an)\s+")
 _PLURALS = {plural(c): c for c in CATEGORIES}
@@ -81,11 +85,15 @@ def phrase_targets(scene: Scene, phrase: str) -> list[int]:
 class WorldOracle:
     """Scenes by image content, with the detector and image backend that answer from them."""
 
-    def __init__(self, count_noise: float = 0.0, seed: int = 0, miss_rate: float = 0.0) -> None:
-        for name, p in (("count_noise", count_noise), ("miss_rate", miss_rate)):
+    def __init__(
+        self, count_noise: float = 0.0, seed: int = 0, miss_rate: float = 0.0, distractor_rate: float = 0.0
+    ) -> None:
+        rates = {"count_noise": count_noise, "miss_rate": miss_rate, "distractor_rate": distractor_rate}
+        for name, p in rates.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability, got {p}")
         self.count_noise, self.seed, self.miss_rate = count_noise, seed, miss_rate
+        self.distractor_rate = distractor_rate
         self.scenes: dict[str, Scene] = {}
         self.last_scene: Scene | None = (
             None  # the scene the detector last looked at (a generator's reference)
@@ -146,9 +154,11 @@ class OracleDetector(Detector):
 
     def _detect_one(self, scene: Scene, phrase: str, key: str, threshold: float) -> list[Detection]:
         """The phrase's exact boxes; with the oracle's `count_noise`, a group of 2+ sometimes loses or gains a
-        few; with `miss_rate`, a single object is sometimes found only at thresholds <= MISS_SCORE (the same
-        answer every time this image is asked for this phrase)."""
-        boxes = [[float(v) for v in scene.objects[i].box] for i in phrase_targets(scene, phrase)]
+        few; with `miss_rate`, a single object is sometimes found only at thresholds <= MISS_SCORE; with
+        `distractor_rate`, a single object comes first and up to MAX_DISTRACTORS others of its category after it,
+        scored lower (the same answer every time this image is asked for this phrase)."""
+        targets = phrase_targets(scene, phrase)
+        boxes = [[float(v) for v in scene.objects[i].box] for i in targets]
         digest = hashlib.sha256(f"{self.oracle.seed}|{key}|{normalize_phrase(phrase)}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         draw = rng.random()
@@ -156,7 +166,15 @@ class OracleDetector(Detector):
             boxes = _perturbed(boxes, rng, scene.width, scene.height)
         elif len(boxes) == 1 and draw < self.oracle.miss_rate:  # one object, with a weak score
             return [Detection(boxes[0], MISS_SCORE, phrase)] if threshold <= MISS_SCORE else []
-        return [Detection(box, ORACLE_SCORE, phrase) for box in boxes]
+        found = [Detection(box, ORACLE_SCORE, phrase) for box in boxes]
+        if len(boxes) == 1 and rng.random() < self.oracle.distractor_rate:  # others of its kind, weaker
+            category = scene.objects[targets[0]].category
+            others = [o for i, o in enumerate(scene.objects) if o.category == category and i != targets[0]]
+            for obj in rng.sample(others, min(MAX_DISTRACTORS, len(others))):
+                score = rng.uniform(*DISTRACTOR_SCORES)
+                if score >= threshold:
+                    found.append(Detection([float(v) for v in obj.box], score, phrase))
+        return found
 
 
 class OracleBackend(ImageBackend):

@@ -223,3 +223,27 @@ def test_missed_objects_are_searched_again_at_a_low_threshold_before_the_answer(
     # without misses, one search per turn as before
     plain = world_example(0, WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2))
     assert sum(m["role"] == "tool" for m in plain.messages) == len(plain.meta["turns"])
+
+
+def test_one_object_searches_that_also_find_others_are_answered_with_the_best_box_alone():
+    config = WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2, distractor_rate=1.0)
+    crowded = 0
+    for i in range(16):
+        example = world_example(i, config)
+        tools = [_tool_text(m) for m in example.messages if m["role"] == "tool"]
+        answers = [
+            m["content"]
+            for m in example.messages
+            if m["role"] == "assistant" and "<tool_call>" not in m["content"]
+        ]
+        for turn, text, answer in zip(example.meta["turns"], tools, answers, strict=True):
+            truth = turn["truth"]["boxes"][0]
+            listed = [[float(v) for v in m] for m in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
+            assert listed[0] == [float(v) for v in truth]  # the target first: the best score
+            assert len(re.findall(r"\[\d+, \d+, \d+, \d+\]", answer)) == 1 and str(truth) in answer
+            crowded += len(listed) > 1
+    assert crowded >= 8  # most one-object searches find others of their kind too
+    # without distractors, the search finds the target alone
+    plain = world_example(0, WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2))
+    texts = [_tool_text(m) for m in plain.messages if m["role"] == "tool"]
+    assert all(len(re.findall(r"\[\d+, \d+, \d+, \d+\]", t)) == 1 for t in texts)
