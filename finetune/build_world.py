@@ -157,9 +157,7 @@ class WorldDataConfig:
     tool_images: bool = True  # show the images tools make (the agent option of that name must match)
     count_noise: float = 0.0  # chance that a group's boxes come back a few off (answers copy the tools)
     miss_rate: float = 0.0  # chance that one object is found only by a search at a low threshold
-    distractor_rate: float = (
-        0.0  # chance that a one-object phrase also finds others of its kind, scored lower
-    )
+    distractor_rate: float = 0.0  # chance that a one-object search also finds others of its kind, weaker
 
 
 @dataclass

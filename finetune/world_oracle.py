@@ -92,8 +92,8 @@ class WorldOracle:
         for name, p in rates.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability, got {p}")
-        self.count_noise, self.seed, self.miss_rate = count_noise, seed, miss_rate
-        self.distractor_rate = distractor_rate
+        self.seed = seed
+        self.count_noise, self.miss_rate, self.distractor_rate = count_noise, miss_rate, distractor_rate
         self.scenes: dict[str, Scene] = {}
         self.last_scene: Scene | None = (
             None  # the scene the detector last looked at (a generator's reference)

@@ -11,6 +11,7 @@ from PIL import Image
 from toolvlm.finetune.build_coco import build_coco_dataset
 from toolvlm.finetune.build_world import TEMPLATES, WorldDataConfig, build_world_dataset, world_example
 from toolvlm.finetune.data import read_jsonl, system_prompt
+from toolvlm.finetune.eval_controller import answer_boxes
 from toolvlm.finetune.world_oracle import WorldOracle
 
 
@@ -238,12 +239,12 @@ def test_one_object_searches_that_also_find_others_are_answered_with_the_best_bo
         ]
         for turn, text, answer in zip(example.meta["turns"], tools, answers, strict=True):
             truth = turn["truth"]["boxes"][0]
-            listed = [[float(v) for v in m] for m in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
-            assert listed[0] == [float(v) for v in truth]  # the target first: the best score
-            assert len(re.findall(r"\[\d+, \d+, \d+, \d+\]", answer)) == 1 and str(truth) in answer
+            listed = answer_boxes(text)
+            assert listed[0] == truth  # the target first: the best score
+            assert answer_boxes(answer) == [truth]
             crowded += len(listed) > 1
     assert crowded >= 8  # most one-object searches find others of their kind too
     # without distractors, the search finds the target alone
     plain = world_example(0, WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2))
     texts = [_tool_text(m) for m in plain.messages if m["role"] == "tool"]
-    assert all(len(re.findall(r"\[\d+, \d+, \d+, \d+\]", t)) == 1 for t in texts)
+    assert all(len(answer_boxes(t)) == 1 for t in texts)

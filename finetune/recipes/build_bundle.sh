@@ -46,7 +46,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_presence detector=runs/detector_focus captioner=runs/captioner_320 \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_focus captioner=runs/captioner_320 \
     generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
