@@ -8,7 +8,9 @@ a folder given on the command line, and is skipped with a note when its weights 
   'a photo with no dogs' by cosine similarity; accuracy (and the majority-class baseline on the same scenes).
 - grounding: AP50 (VOC all-point) per phrase, averaged over category phrases and over colour phrases (every
   phrase is queried on every scene; detections on scenes without the phrase are false positives); referring
-  expressions: the top-scoring box has IoU >= 0.5 with the target.
+  expressions: the best box the grounding tool gives (the detector, with position words and landmarks resolved
+  by geometry, tools/referring.py) has IoU >= 0.5 with the target; `referring_accuracy_detector` scores the
+  detector's top box for the whole phrase alone.
 - counting (the counter tool on the detector, its default threshold): exact for counts <= 30 (every present
   category of the scenes), within 10% for 31-60 (people in crowd scenes).
 - captioner: F1 of the (category) and (category, colour) items a caption mentions against the scene's objects;
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from toolvlm.finetune.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
 from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_prompts, scene_seed
 from toolvlm.finetune.world_text import describe, plural
+from toolvlm.tools import grounding
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,8 @@ def eval_grounding(tools: dict[str, Any], scenes: list[Any]) -> dict[str, Any]:
     categories, colours = list(CATEGORIES), colour_phrases()
     dets: dict[str, list] = {p: [] for p in categories + colours}
     gts: dict[str, dict[int, list]] = {p: {} for p in categories + colours}
-    hits = total = 0
+    hits = hits_detector = total = 0
+    threshold = detector.threshold("grounding", grounding.DEFAULT_THRESHOLD)
     for k, scene in enumerate(tqdm(scenes, desc="grounding", mininterval=10)):
         image, ann = render_scene(scene), annotate(scene)
         for o in ann["objects"]:
@@ -185,10 +189,17 @@ def eval_grounding(tools: dict[str, Any], scenes: list[Any]) -> dict[str, Any]:
             dets[phrase] += [(float(s), k, b.tolist()) for b, s in zip(boxes, scores, strict=True)]
         referring = ann["referring"]
         if referring:
-            found = phrase_detections(detector, image, [r["text"] for r in referring], top_k=5)
+            texts = [r["text"] for r in referring]
+            found = phrase_detections(detector, image, texts, top_k=5)
+            located, _ = tools["grounding"].find(image, texts, threshold)
             for r, (boxes, _scores) in zip(referring, found, strict=True):
                 total += 1
-                hits += bool(len(boxes)) and iou(boxes[0].tolist(), r["box"]) >= 0.5
+                hits_detector += bool(len(boxes)) and iou(boxes[0].tolist(), r["box"]) >= 0.5
+                best = next(
+                    (b for b, label in zip(located.boxes, located.labels, strict=True) if label == r["text"]),
+                    None,
+                )
+                hits += best is not None and iou(best, r["box"]) >= 0.5
     ap = {p: average_precision(dets[p], gts.get(p, {})) for p in dets}
     cat = [ap[p] for p in categories if not np.isnan(ap[p])]
     col = [ap[p] for p in colours if not np.isnan(ap[p])]
@@ -196,6 +207,7 @@ def eval_grounding(tools: dict[str, Any], scenes: list[Any]) -> dict[str, Any]:
         "ap50_category": float(np.mean(cat)) if cat else None,
         "ap50_colour": float(np.mean(col)) if col else None,
         "referring_accuracy": hits / total if total else None,
+        "referring_accuracy_detector": hits_detector / total if total else None,
         "referring_n": total,
         "ap50_per_category": {p: round(ap[p], 3) for p in categories if not np.isnan(ap[p])},
     }

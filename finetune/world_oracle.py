@@ -120,7 +120,7 @@ class WorldOracle:
 
     def tools(self) -> dict[str, Tool]:
         """Grounding, counter and generator tools answering from the scenes (names as the real tools)."""
-        grounding = GroundingTool(backend="inhouse")
+        grounding = GroundingTool(backend="inhouse", geometry=False)  # the oracle reads whole expressions
         grounding.detector = OracleDetector(self)
         counter = CounterTool(backend="inhouse", grounding=grounding)
         generator = GeneratorTool(backend="inhouse", grounding=grounding)

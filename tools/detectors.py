@@ -41,6 +41,8 @@ class Detector:
     """Base class: a lazily loaded open-vocabulary detector."""
 
     backend = ""
+    independent_phrases = False  # whether a box may answer several phrases of one call (post-processing of
+    # OWL-ViT and Grounding DINO gives each box to its best phrase alone)
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> None:
         self.model_path = model

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from toolvlm.tools import imaging
+from toolvlm.tools import imaging, referring
 from toolvlm.tools.base import Tool, ToolInputError, ToolOutput
 from toolvlm.tools.detectors import Detection, Detector, make_detector
 
@@ -168,6 +168,7 @@ class GroundingTool(Tool):
         nms_iou: float = 0.5,
         max_side: int = 2048,
         max_boxes: int = 100,
+        geometry: bool = True,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.backend = backend
@@ -176,22 +177,62 @@ class GroundingTool(Tool):
         self.nms_iou = nms_iou
         self.max_side = max_side
         self.max_boxes = max_boxes
+        self.geometry = geometry  # resolve position words and landmarks (referring.py); off for a detector
+        # that reads whole referring expressions itself
 
     def setup(self) -> None:
         """Load the detector's weights."""
         self.detector.load(self.name)
 
+    def find(self, image: Image.Image, phrases: list[str], threshold: float) -> tuple[Located, list[dict]]:
+        """Each phrase's boxes, best first; a phrase with position words or a landmark gets the one box they name
+        among the detections of its parts (referring.py), described in the second value."""
+        refs = [referring.parse(p) if self.geometry else referring.Referring(p, p) for p in phrases]
+        queries = list(dict.fromkeys(q for ref in refs for q in ref.queries))
+        batches = [queries] if self.detector.independent_phrases else [[q] for q in queries]
+        found: dict[str, referring.Found] = {q: ([], []) for q in queries}
+        result = Located()
+        for batch in batches:
+            located = locate(self.detector, image, batch, threshold, self.nms_iou, self.max_side)
+            result.tiles, result.scale = located.tiles, located.scale
+            for box, score, label in zip(located.boxes, located.scores, located.labels, strict=True):
+                found[label][0].append(box)
+                found[label][1].append(score)
+        resolved = []
+        for ref in dict.fromkeys(refs):
+            picked = referring.resolve(ref, found)
+            boxes, scores = picked if picked is not None else found[ref.phrase]
+            result.boxes += boxes
+            result.scores += scores
+            result.labels += [ref.phrase] * len(boxes)
+            if ref.composed:
+                parts = {"position": ref.position, "relation": ref.relation, "landmark": ref.landmark}
+                resolved.append(
+                    {
+                        "phrase": ref.phrase,
+                        "search": ref.search,
+                        **{k: v for k, v in parts.items() if v},
+                        "by": "whole phrase" if picked is None else "geometry",
+                        "candidates": len(found[ref.search][0]),
+                    }
+                )
+        order = sorted(range(len(result.boxes)), key=lambda i: -result.scores[i])
+        result.boxes = [result.boxes[i] for i in order]
+        result.scores = [result.scores[i] for i in order]
+        result.labels = [result.labels[i] for i in order]
+        return result, resolved
+
     def forward(
         self, image: Image.Image, phrase: str, threshold: float | None = None, max_boxes: int | None = None
     ) -> ToolOutput:
-        """Detect the phrase(s) and draw the boxes."""
+        """Detect the phrase(s), resolve position words and landmarks by geometry, and draw the boxes."""
         phrases = split_phrases(phrase)
         if threshold is None:
             threshold = self.threshold
         if threshold is None:
             self.detector.load(self.name)
             threshold = self.detector.threshold("grounding", DEFAULT_THRESHOLD)
-        located = locate(self.detector, image, phrases, threshold, self.nms_iou, self.max_side)
+        located, resolved = self.find(image, phrases, threshold)
         limit = max_boxes or self.max_boxes
         located.boxes, located.scores, located.labels = (
             located.boxes[:limit],
@@ -199,6 +240,8 @@ class GroundingTool(Tool):
             located.labels[:limit],
         )
         artifact = {**located.artifact(image), "phrase": phrase, "threshold": threshold}
+        if resolved:
+            artifact["resolved"] = resolved
         if not located.boxes:
             content = (
                 f"no box for '{phrase}' above threshold {threshold:g} in the {image.width}x{image.height} image; "
