@@ -58,6 +58,9 @@ class DetectorConfig(TrainConfig):
     max_colour: int = 6
     max_referring: int = 4
     negatives: int = 4
+    hard_negatives: int = (
+        0  # absent colour phrases of present categories per image ('white house' by a red one)
+    )
     w_class: float = 2.0
     w_l1: float = 5.0
     w_giou: float = 2.0
@@ -225,7 +228,15 @@ class DetectorStage:
         rng = random.Random(c.seed * 1_000_003 + step)
         items = self.items(step)
         targets = [
-            detection_target(it["ann"], rng, c.max_colour, c.max_referring, c.negatives, colours_known=known)
+            detection_target(
+                it["ann"],
+                rng,
+                c.max_colour,
+                c.max_referring,
+                c.negatives,
+                colours_known=known,
+                hard_negatives=c.hard_negatives,
+            )
             for it, known in items
         ]
         unique = sorted({p for t in targets for p in t.phrases})

@@ -158,12 +158,15 @@ def detection_target(
     negatives: int = 4,
     p_plural: float = 0.2,
     colours_known: bool = True,
+    hard_negatives: int = 0,
 ) -> DetectionTarget:
     """Queries for one image: every present category, colour phrases, referring expressions, absent phrases.
-    Without `colours_known` (an image whose colours are not the scene's, as a generated one) the queries are
-    only present and absent categories."""
+    `hard_negatives` of the absent phrases name a present category in a colour it does not have here ('white
+    house' beside a red one), the confusions random absent phrases rarely show. Without `colours_known` (an
+    image whose colours are not the scene's, as a generated one) the queries are only present and absent
+    categories."""
     if not colours_known:
-        max_colour = max_referring = 0
+        max_colour = max_referring = hard_negatives = 0
     objects = ann["objects"]
     phrases: list[str] = []
     kinds: list[str] = []
@@ -202,6 +205,10 @@ def detection_target(
     n_colour = negatives // 2 if colours_known else 0
     pool = rng.sample(absent, min(len(absent), negatives - n_colour))
     pool += rng.sample(absent_colours, min(len(absent_colours), n_colour))
+    shown = {describe(o["category"], o["color"]) for o in objects if o.get("color")}
+    hard = [describe(c, colour) for c in present for colour in PALETTES.get(c, ())]
+    hard = [p for p in hard if p not in shown and p not in pool]
+    pool += rng.sample(hard, min(len(hard), hard_negatives))
     for phrase in pool:
         add(phrase, "negative", [])
     boxes = [normalised_cxcywh(o["box"], ann["width"], ann["height"]) for o in objects]

@@ -154,3 +154,11 @@ def test_geometry_off_searches_the_whole_phrase_only():
     out = tool(image=Image.new("RGB", (200, 120)), phrase="the rightmost cloud")
     assert detector.calls == [["the rightmost cloud"]]
     assert len(out.artifact["boxes"]) == 2 and "resolved" not in out.artifact
+
+
+def test_a_profile_turns_geometry_off():
+    from toolvlm.tools import build_tools
+
+    off = build_tools({"grounding": {"backend": "inhouse", "geometry": False}})["grounding"]
+    assert off.geometry is False
+    assert build_tools({"grounding": {"backend": "inhouse"}})["grounding"].geometry is True

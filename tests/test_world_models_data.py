@@ -50,6 +50,23 @@ def test_detection_target_positives_follow_the_phrases():
     assert all(0 <= v <= 1 for box in t.boxes for v in box[:2])
 
 
+def test_hard_negatives_name_present_categories_in_colours_they_lack_here():
+    from toolvlm.finetune.world_text import describe
+
+    ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
+    shown = {describe(o["category"], o["color"]) for o in ann["objects"] if o.get("color")}
+    present = {o["category"] for o in ann["objects"]}
+    plain = detection_target(ann, random.Random(0), negatives=0)
+    hard = detection_target(ann, random.Random(0), negatives=0, hard_negatives=3)
+    assert plain.phrases == hard.phrases[: len(plain.phrases)]  # the same queries, then the hard ones
+    extra = hard.phrases[len(plain.phrases) :]
+    assert len(extra) == 3 and set(hard.kinds[len(plain.phrases) :]) == {"negative"}
+    for phrase in extra:
+        assert phrase not in shown
+        assert any(phrase.startswith(c) or phrase.endswith(c) for c in present), phrase
+    assert not any(q >= len(plain.phrases) for pos in hard.positives for q in pos)
+
+
 def test_detection_target_without_known_colours_asks_only_categories():
     from toolvlm.finetune.world import CATEGORIES
     from toolvlm.finetune.world_text import plural
