@@ -11,11 +11,11 @@ a folder given on the command line, and is skipped with a note when its weights 
   expressions: the best box the grounding tool gives (the detector, with position words and landmarks resolved
   by geometry, tools/referring.py) has IoU >= 0.5 with the target; `referring_accuracy_detector` scores the
   detector's top box for the whole phrase alone.
-- counting (the counter tool on the detector, its default threshold): exact for counts <= 30 (every present
+- counting (the counter tool on the detector, its default thresholds): exact for counts <= 30 (every present
   category of the scenes), within 10% for 31-60 (people in crowd scenes).
 - captioner: F1 of the (category) and (category, colour) items a caption mentions against the scene's objects;
   the reference captions' own F1 is reported as the ceiling of the metric.
-- generator: images from held-out layouts; a layout agrees when every category's count read back by the detector
+- generator: images from held-out layouts; a layout agrees when every category's count read back by the counter
   is within 10% of the layout's (also per category, pooled over every (layout, category) pair, and for the
   world's own drawings of the layouts: the ceiling the detector allows).
 """
@@ -340,13 +340,10 @@ def eval_generator(
 ) -> dict[str, Any]:
     """Generate from held-out layouts; agreement when every layout category's detected count is within 10%.
     The same check on the world's own drawings of the layouts is reported as the ceiling the detector allows."""
-    from toolvlm.tools.grounding import locate
-
-    backend, detector = tools["generator"].backend, tools["grounding"].detector
-    threshold = tools["counter"].effective_threshold(threshold)
+    backend, counter = tools["generator"].backend, tools["counter"]
 
     def agreement(image: Any, counts: dict[str, int]) -> dict[str, bool]:
-        got = {c: len(locate(detector, image, [c], threshold).boxes) for c in counts}
+        got = {c: counter.forward(image, c, threshold=threshold).artifact["count"] for c in counts}
         return {c: abs(got[c] - n) <= 0.1 * n for c, n in counts.items()}
 
     generated, drawn = [], []

@@ -46,3 +46,30 @@ def test_demo_on_the_bundle_boxes_the_tree_and_counts_the_people(tmp_path, capsy
     count = next(s["artifact"]["count"] for s in tools if s["name"] == "counter")
     people = truth["counts"]["person"]
     assert abs(count - people) <= 0.1 * people
+
+
+def test_bundle_grounding_resolves_positions_and_landmarks_on_a_composed_scene():
+    from toolvlm.finetune.eval_world import iou
+    from toolvlm.finetune.world import render_scene, scene_from_spec
+    from toolvlm.tools import build_tools
+
+    objects = [
+        {"category": "cloud", "box": [10, 10, 60, 35]},
+        {"category": "cloud", "box": [85, 15, 135, 40]},
+        {"category": "cloud", "box": [160, 8, 210, 33]},
+        {"category": "dog", "color": "brown", "box": [130, 150, 180, 185]},
+        {"category": "frisbee", "color": "red", "box": [185, 172, 207, 180]},
+        {"category": "frisbee", "color": "red", "box": [20, 172, 42, 180]},
+        {"category": "tree", "box": [60, 70, 110, 160]},
+    ]
+    image = render_scene(scene_from_spec({"objects": objects}))
+    tools = build_tools({"grounding": {"backend": "inhouse", "model": str(bundle.part("detector"))}})
+    for phrase, want in [
+        ("the rightmost cloud", objects[2]["box"]),
+        ("the leftmost cloud", objects[0]["box"]),
+        ("the cloud in the middle", objects[1]["box"]),
+        ("the red frisbee next to the dog", objects[4]["box"]),
+    ]:
+        out = tools["grounding"](image=image, phrase=phrase)
+        assert out.artifact["count"] == 1, (phrase, out.content)
+        assert iou(out.artifact["boxes"][0], want) >= 0.5, (phrase, out.content)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from toolvlm.tools import MissingWeightsError, build_tools, hf, imaging
 from toolvlm.tools.counter import CounterTool
+from toolvlm.tools.detectors import Detection, Detector
 from toolvlm.tools.grounding import GroundingTool
 
 BACKENDS = [
@@ -134,6 +135,45 @@ def test_counter_counts_boxes_and_tiles(scene, tiny_models, kind):
     assert out.images[0].size == image.size
     untiled = counter(image=image, phrase="person", tiling=False)
     assert untiled.artifact["tiles"] == 1
+
+
+class ScoredDetector(Detector):
+    """Three boxes per phrase, scored 0.9, 0.2 and 0.05; calibrated like shipped weights."""
+
+    backend = "scored"
+
+    def __init__(self, calibration: dict) -> None:
+        super().__init__()
+        self.model, self.calibration = self, calibration
+
+    def load(self, tool: str = "grounding") -> None:
+        """Nothing to load."""
+
+    def detect(self, image, phrases, threshold):
+        """Three boxes apart for each phrase, those scoring >= threshold."""
+        found = []
+        for k, phrase in enumerate(phrases):
+            for i, score in enumerate((0.9, 0.2, 0.05)):
+                if score >= threshold:
+                    found.append(Detection([40.0 * i, 30.0 * k, 40.0 * i + 20, 30.0 * k + 20], score, phrase))
+        return found
+
+
+def test_counter_uses_a_phrase_threshold_the_weights_ship():
+    calibration = {"count_threshold": 0.3, "count_thresholds": {"bird": 0.1, "birds": 0.1}}
+    detector = ScoredDetector(calibration)
+    assert detector.threshold("count", 0.2, "The  Birds") == 0.1
+    assert detector.threshold("count", 0.2, "dog") == detector.threshold("count", 0.2) == 0.3
+    assert ScoredDetector({}).threshold("count", 0.2, "bird") == 0.2
+    counter = CounterTool(backend="owlvit")
+    counter.detector = detector
+    image = Image.new("RGB", (160, 120))
+    assert counter(image=image, phrase="bird").artifact["count"] == 2  # 0.9 and 0.2 >= 0.1
+    assert counter(image=image, phrase="dog").artifact["count"] == 1  # 0.9 >= 0.3
+    both = counter(image=image, phrase="bird; dog")
+    assert both.artifact["per_label"] == {"bird": 2, "dog": 1}
+    assert both.artifact["thresholds"] == {"bird": 0.1, "dog": 0.3} and "0.1 for bird" in both.content
+    assert counter(image=image, phrase="bird", threshold=0.5).artifact["count"] == 1  # a given one wins
 
 
 def test_counter_shares_the_grounding_detector(scene, tiny_models):

@@ -68,11 +68,11 @@ def test_pick_and_related_use_box_geometry():
         referring.pick("north", boxes)
 
 
-def test_resolve_ignores_weak_boxes_and_falls_back_to_the_whole_phrase():
+def test_resolve_takes_every_box_found_and_falls_back_to_the_whole_phrase():
     ref = referring.parse("the rightmost cloud")
     clouds = [[10, 5, 40, 20], [60, 5, 90, 20], [150, 5, 180, 20]]
     found = {"the rightmost cloud": ([clouds[0]], [0.9]), "the cloud": (clouds, [0.9, 0.8, 0.2])}
-    assert referring.resolve(ref, found) == ([clouds[1]], [0.8])  # 0.2 < 0.3 x 0.9: not a cloud we trust
+    assert referring.resolve(ref, found) == ([clouds[2]], [0.2])  # above the tool's threshold: a cloud
     assert referring.resolve(ref, {**found, "the cloud": ([], [])}) is None
     assert referring.resolve(referring.parse("the cloud"), found) is None
     near = referring.parse("the frisbee next to the dog")

@@ -159,3 +159,23 @@ def test_count_threshold_calibration_picks_the_separating_band():
         samples.append((truth, scores.astype(np.float32)))
     threshold, rate = best_threshold(samples)
     assert rate == 1.0 and 0.3 < threshold < 0.6
+
+
+def test_categories_scored_lower_get_their_own_count_threshold():
+    import numpy as np
+
+    from toolvlm.finetune.calibrate_detector import best_threshold, own_thresholds
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(40):  # dogs: true boxes 0.6-0.9, spurious 0.3-0.4; birds: true 0.15-0.25, spurious < 0.1
+        truth = 1 + k % 4
+        dog = np.concatenate([rng.uniform(0.6, 0.9, truth), rng.uniform(0.3, 0.4, 2)])
+        bird = np.concatenate([rng.uniform(0.15, 0.25, truth), rng.uniform(0.0, 0.1, 2)])
+        samples += [("dog", truth, dog.astype(np.float32)), ("bird", truth, bird.astype(np.float32))]
+    samples += [("tree", 1, np.array([0.9], dtype=np.float32))] * 5  # too few for a threshold of its own
+    shared, _ = best_threshold([(t, s) for _, t, s in samples])
+    own = own_thresholds(samples, shared, min_samples=30, min_gain=2)
+    assert set(own) == {"bird", "birds"} | ({"dog", "dogs"} if "dog" in own else set())
+    assert 0.1 < own["bird"] < 0.15 and own["birds"] == own["bird"]
+    assert own_thresholds(samples, shared, min_samples=50, min_gain=2) == {}

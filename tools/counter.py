@@ -74,27 +74,39 @@ class CounterTool(Tool):
         """Load the detector's weights."""
         self.detector.load(self.name)
 
-    def effective_threshold(self, given: float | None = None) -> float:
-        """The score threshold of a call: given, else the tool's, else the one the weights ship, else 0.2."""
+    def effective_threshold(self, given: float | None = None, phrase: str | None = None) -> float:
+        """The score threshold of a call: given, else the tool's, else the one the weights ship (the phrase's
+        own where they ship one), else 0.2."""
         if given is not None:
             return given
         if self.threshold is not None:
             return self.threshold
         self.detector.load(self.name)
-        return self.detector.threshold("count", DEFAULT_THRESHOLD)
+        return self.detector.threshold("count", DEFAULT_THRESHOLD, phrase)
 
     def forward(
         self, image: Image.Image, phrase: str, threshold: float | None = None, tiling: bool | None = None
     ) -> ToolOutput:
         """Count the phrase's instances."""
         phrases = split_phrases(phrase)
-        threshold = self.effective_threshold(threshold)
+        thresholds = {p: self.effective_threshold(threshold, p) for p in phrases}
+        threshold = min(thresholds.values())
         small_side = max(image.size) * min(1.0, self.max_side / max(image.size))
         if tiling is None:
             tiling = small_side > 1.5 * self.tile_size
         # forced tiling of a small image still cuts it into about 2x2 windows
         tile = min(self.tile_size, math.ceil(small_side * 0.6)) if tiling else None
         located = locate(self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile)
+        kept = [
+            i
+            for i, (s, p) in enumerate(zip(located.scores, located.labels, strict=True))
+            if s >= thresholds[p]
+        ]
+        located.boxes, located.scores, located.labels = (
+            [located.boxes[i] for i in kept],
+            [located.scores[i] for i in kept],
+            [located.labels[i] for i in kept],
+        )
         count = len(located.boxes)
         artifact = {
             **located.artifact(image),
@@ -102,6 +114,8 @@ class CounterTool(Tool):
             "threshold": threshold,
             "tiles": located.tiles,
         }
+        if len(set(thresholds.values())) > 1:
+            artifact["thresholds"] = thresholds
         artifact["per_label"] = {p: located.labels.count(p) for p in phrases}
         annotated = imaging.draw_boxes(image, located.boxes, located.labels)
         how = f" ({located.tiles} tiles)" if located.tiles > 1 else ""
@@ -109,7 +123,12 @@ class CounterTool(Tool):
             content = f"about {count} instance(s) of '{phrase}' (score >= {threshold:g}){how}"
         else:
             counts = ", ".join(f"{n} {p}" for p, n in artifact["per_label"].items())
-            content = f"about {count} in all: {counts} (score >= {threshold:g}){how}"
+            shown = (
+                ", ".join(f"{t:g} for {p}" for p, t in thresholds.items())
+                if "thresholds" in artifact
+                else f"{threshold:g}"
+            )
+            content = f"about {count} in all: {counts} (score >= {shown}){how}"
         if count == 0:
             content += "; try a lower threshold or a more general phrase"
         return ToolOutput(content=content, images=[annotated], artifact=artifact)

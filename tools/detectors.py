@@ -25,7 +25,18 @@ from toolvlm.tools import hf
 
 log = logging.getLogger(__name__)
 
-CALIBRATION = "toolvlm_detector.json"  # {"count_threshold": t, "grounding_threshold": t} beside the weights
+CALIBRATION = "toolvlm_detector.json"  # {"count_threshold": t, "grounding_threshold": t} beside the weights,
+# optionally "count_thresholds": {phrase: t} for the phrases calibrated one by one ('dog', 'dogs', ...)
+ARTICLES = ("the ", "a ", "an ")
+
+
+def phrase_key(phrase: str) -> str:
+    """A phrase as calibration files key it: lower case, no leading article, single spaces."""
+    key = " ".join(phrase.lower().split())
+    for article in ARTICLES:
+        if key.startswith(article):
+            return key[len(article) :]
+    return key
 
 
 @dataclass
@@ -62,8 +73,12 @@ class Detector:
             if calibration.is_file():
                 self.calibration = json.loads(calibration.read_text())
 
-    def threshold(self, kind: str, default: float) -> float:
-        """The calibrated score threshold of `kind` ("count" or "grounding") the weights ship, else `default`."""
+    def threshold(self, kind: str, default: float, phrase: str | None = None) -> float:
+        """The calibrated score threshold of `kind` ("count" or "grounding") the weights ship, else `default`;
+        with `phrase`, the phrase's own threshold where the weights ship one."""
+        own = self.calibration.get(f"{kind}_thresholds", {})
+        if phrase is not None and phrase_key(phrase) in own:
+            return float(own[phrase_key(phrase)])
         return float(self.calibration.get(f"{kind}_threshold", default))
 
     def _load(self, folder: Path | str) -> None:

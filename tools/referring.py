@@ -12,8 +12,10 @@ the box the words name by geometry:
 - a relation to a landmark: 'next to', 'beside', 'near' (the nearest box), 'left of', 'right of', 'above',
   'below' (the nearest box on that side).
 
-Only boxes scoring at least RELATIVE_SCORE of the best take part. When the parts give no answer (no landmark
-found, nothing on that side), the detections of the whole phrase stand. This module imports no model code.
+Every box above the tool's threshold takes part (keeping only those scoring 0.3 of the best or more changed 1
+of 906 held-out world expressions, and missed a plain cloud scored 0.26 beside two at 0.9). When the
+parts give no answer (no landmark found, nothing on that side), the detections of the whole phrase stand. This
+module imports no model code.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 
 from toolvlm.tools.imaging import iou
 
-RELATIVE_SCORE = 0.3  # chosen on held-out world scenes: 0.0 / 0.3 / 0.5 / 0.7 gave 0.91 / 0.92 / 0.83 / 0.71
 SAME_OBJECT_IOU = 0.5  # a head box this close to the landmark's box is the landmark itself
 
 Box = Sequence[float]
@@ -153,19 +154,13 @@ def related(relation: str, boxes: Sequence[Box], landmark: Box, candidates: Sequ
     return sorted(pool, key=lambda i: _gap(boxes[i], landmark))
 
 
-def confident(scores: Sequence[float]) -> list[int]:
-    """Indices of the scores at least RELATIVE_SCORE of the best."""
-    best = max(scores, default=0.0)
-    return [i for i, s in enumerate(scores) if s >= RELATIVE_SCORE * best]
-
-
 def resolve(ref: Referring, found: Mapping[str, Found]) -> Found | None:
     """The one box a composed phrase names, given the detections of each of `ref.queries` (best first, above
     threshold); None when the phrase is not composed or its parts give no answer (then the whole phrase's stand)."""
     if not ref.composed:
         return None
     boxes, scores = found[ref.search]
-    pool = confident(scores)
+    pool = list(range(len(boxes)))
     if ref.relation is not None:
         marks, _ = found[ref.landmark]  # type: ignore[index]
         if not marks:

@@ -20,7 +20,10 @@ stage_detector()  {
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_more.yaml
   # then 1400 more with a quarter of each batch from scenes holding a bird (the weakest category)
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_focus.yaml continue_from=runs/detector_more/export
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector_focus/export                # the counting threshold
+  # then 1500 more where each image is also asked for present categories in colours they lack (hard negatives)
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector_hard_negatives.yaml \
+    continue_from=runs/detector_focus/export
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector_hard_negatives/export       # the counting threshold
 }
 stage_encoder_from_detector() {
   # the bundle's encoder: the detector's OWL-ViT weights trained contrastively again with the presence loss
@@ -46,7 +49,8 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_focus captioner=runs/captioner_320 \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_hard_negatives \
+    captioner=runs/captioner_320 \
     generator=runs/generator controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
