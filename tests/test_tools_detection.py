@@ -206,3 +206,17 @@ def test_property_count_equals_boxes_and_boxes_inside(scene, tiny_models, width,
     assert art["count"] == len(art["boxes"]) == len(art["scores"])
     assert all(s >= round(threshold, 4) - 1e-4 for s in art["scores"])  # artifacts round scores
     assert all(_inside(b, image) for b in art["boxes"])
+
+
+def test_counter_can_take_a_box_inside_a_better_one_for_its_part():
+    class DogAndHead(ScoredDetector):
+        def detect(self, image, phrases, threshold):
+            """A dog, its head inside it (IoU 0.25, so plain NMS keeps both), and a second dog."""
+            boxes = [([0, 0, 40, 40], 0.9), ([0, 0, 20, 20], 0.6), ([60, 0, 100, 40], 0.8)]
+            return [Detection(b, s, phrases[0]) for b, s in boxes if s >= threshold]
+
+    image = Image.new("RGB", (120, 60))
+    plain, parts = CounterTool(backend="owlvit"), CounterTool(backend="owlvit", contain=0.7)
+    plain.detector = parts.detector = DogAndHead({"count_threshold": 0.5})
+    assert plain(image=image, phrase="dog").artifact["count"] == 3
+    assert parts(image=image, phrase="dog").artifact["boxes"] == [[0, 0, 40, 40], [60, 0, 100, 40]]

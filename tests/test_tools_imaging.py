@@ -40,6 +40,14 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert imaging.nms([], [], 0.5) == []
 
 
+def test_nms_can_drop_a_part_inside_a_whole():
+    whole, head, neighbour = [0, 0, 40, 60], [10, 0, 30, 20], [35, 0, 75, 60]  # head: IoU 1/6 with the whole
+    boxes, scores = [whole, head, neighbour], [0.9, 0.8, 0.7]
+    assert imaging.nms(boxes, scores, 0.5) == [0, 1, 2]
+    assert imaging.nms(boxes, scores, 0.5, contain_threshold=0.7) == [0, 2]  # the neighbour only touches it
+    assert imaging.nms(boxes, [0.5, 0.8, 0.7], 0.5, contain_threshold=0.7) == [1, 2]  # the better box stays
+
+
 def test_fit_image_and_modes():
     big, scale = imaging.fit_image(Image.new("RGB", (4000, 1000)), 1000)
     assert big.size == (1000, 250) and scale == 0.25

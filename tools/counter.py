@@ -1,9 +1,11 @@
 """The `counter` tool: how many instances of a phrase -> count, boxes and the annotated image.
 
 It runs on a grounding backend (its own, or the grounding tool's detector when built together, see
-registry.build_tools), with a score threshold, per-label NMS and, for crowds of hundreds of small objects,
-tiling: an image larger than 1.5 tiles is cut into overlapping windows, each detected at the detector's full
-resolution, and the boxes merged back with NMS. The count is always the number of boxes returned.
+registry.build_tools), with a score threshold, per-label NMS (optionally also dropping a box that lies mostly
+inside a better one, `contain`: a dog's head found beside the dog is not a second dog) and, for crowds of
+hundreds of small objects, tiling: an image larger than 1.5 tiles is cut into overlapping windows, each detected
+at the detector's full resolution, and the boxes merged back with NMS. The count is always the number of boxes
+returned.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class CounterTool(Tool):
         dtype: str = "float32",
         threshold: float | None = None,
         nms_iou: float = 0.5,
+        contain: float = 1.0,
         tile_size: int = 768,
         max_side: int = 4096,
         grounding: GroundingTool | None = None,
@@ -67,6 +70,10 @@ class CounterTool(Tool):
             self.detector = make_detector(self.name, backend, model=model, device=device, dtype=dtype)
         self.threshold = threshold
         self.nms_iou = nms_iou
+        # a box this much inside a better one is taken for a part of it (1: off). On the bundle's detector 0.7
+        # counts world scenes better (exact <= 30 0.852 -> 0.880 and 0.855 -> 0.865 on the eval's two sets) but
+        # the generator's overlapping people worse (the controller's generate ok 8 -> 4 of 12), so it is off
+        self.contain = contain
         self.tile_size = tile_size
         self.max_side = max_side
 
@@ -96,7 +103,9 @@ class CounterTool(Tool):
             tiling = small_side > 1.5 * self.tile_size
         # forced tiling of a small image still cuts it into about 2x2 windows
         tile = min(self.tile_size, math.ceil(small_side * 0.6)) if tiling else None
-        located = locate(self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile)
+        located = locate(
+            self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile, self.contain
+        )
         kept = [
             i
             for i, (s, p) in enumerate(zip(located.scores, located.labels, strict=True))

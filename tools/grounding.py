@@ -68,8 +68,10 @@ def locate(
     nms_iou: float = 0.5,
     max_side: int = 2048,
     tile_size: int | None = None,
+    contain: float = 1.0,
 ) -> Located:
-    """Detect `phrases` in `image`; boxes come back in pixels of `image` (any downscaling is undone)."""
+    """Detect `phrases` in `image`; boxes come back in pixels of `image` (any downscaling is undone). NMS per
+    phrase at `nms_iou`, also dropping a box that lies `contain` or more inside a better one (1: off)."""
     if min(image.size) < MIN_SIDE:
         raise ToolInputError(
             f"the image is {image.width}x{image.height} pixels, too small to search; "
@@ -99,7 +101,7 @@ def locate(
         keep = [
             i for i in range(len(group)) if boxes[i][2] - boxes[i][0] >= 1 and boxes[i][3] - boxes[i][1] >= 1
         ]
-        kept = imaging.nms([boxes[i] for i in keep], [group[i].score for i in keep], nms_iou)
+        kept = imaging.nms([boxes[i] for i in keep], [group[i].score for i in keep], nms_iou, contain)
         for k in kept:
             i = keep[k]
             result.boxes.append(boxes[i])

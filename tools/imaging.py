@@ -112,8 +112,14 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], iou_threshold: float) -> list[int]:
-    """Greedy non-maximum suppression; indices kept, best score first."""
+def nms(
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float],
+    iou_threshold: float,
+    contain_threshold: float = 1.0,
+) -> list[int]:
+    """Greedy non-maximum suppression; indices kept, best score first. With `contain_threshold` < 1, a box is
+    also suppressed when that share of the smaller of it and a better box lies in both (a part inside a whole)."""
     if len(boxes) == 0:
         return []
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -131,7 +137,13 @@ def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], iou_threshold
         inter = w * h
         union = areas[i] + areas[rest] - inter
         overlap = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-        order = [int(j) for j, o in zip(rest, overlap, strict=True) if o <= iou_threshold]
+        smaller = np.minimum(areas[i], areas[rest])
+        inside = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
+        order = [
+            int(j)
+            for j, o, c in zip(rest, overlap, inside, strict=True)
+            if o <= iou_threshold and (c < contain_threshold or contain_threshold >= 1.0)
+        ]
     return keep
 
 
