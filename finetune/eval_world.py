@@ -191,15 +191,11 @@ def eval_grounding(tools: dict[str, Any], scenes: list[Any]) -> dict[str, Any]:
         if referring:
             texts = [r["text"] for r in referring]
             found = phrase_detections(detector, image, texts, top_k=5)
-            located, _ = tools["grounding"].find(image, texts, threshold)
             for r, (boxes, _scores) in zip(referring, found, strict=True):
                 total += 1
                 hits_detector += bool(len(boxes)) and iou(boxes[0].tolist(), r["box"]) >= 0.5
-                best = next(
-                    (b for b, label in zip(located.boxes, located.labels, strict=True) if label == r["text"]),
-                    None,
-                )
-                hits += best is not None and iou(best, r["box"]) >= 0.5
+                located, _ = tools["grounding"].find(image, [r["text"]], threshold)  # one request each
+                hits += bool(located.boxes) and iou(located.boxes[0], r["box"]) >= 0.5
     ap = {p: average_precision(dets[p], gts.get(p, {})) for p in dets}
     cat = [ap[p] for p in categories if not np.isnan(ap[p])]
     col = [ap[p] for p in colours if not np.isnan(ap[p])]

@@ -143,6 +143,8 @@ def test_grounding_tool_resolves_position_and_landmark_by_geometry():
     ]  # one per call
     plain = tool(image=image, phrase="the cloud")
     assert len(plain.artifact["boxes"]) == 3 and "resolved" not in plain.artifact
+    tool(image=image, phrase="the cloud; the dog")
+    assert detector.calls[-1] == ["the cloud", "the dog"]  # plain phrases: one call, as before
     both = tool(image=image, phrase="the leftmost cloud; the dog")
     assert sorted(both.artifact["labels"]) == ["the dog", "the leftmost cloud"]
 

@@ -39,6 +39,13 @@ class Located:
     tiles: int = 1
     scale: float = 1.0
 
+    def sort(self) -> None:
+        """Order the detections best score first."""
+        order = sorted(range(len(self.boxes)), key=lambda i: -self.scores[i])
+        self.boxes = [self.boxes[i] for i in order]
+        self.scores = [self.scores[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+
     def artifact(self, image: Image.Image) -> dict[str, Any]:
         """JSON-serialisable view."""
         return {
@@ -107,10 +114,7 @@ def locate(
             result.boxes.append(boxes[i])
             result.scores.append(group[i].score)
             result.labels.append(label)
-    order = sorted(range(len(result.boxes)), key=lambda i: -result.scores[i])
-    result.boxes = [result.boxes[i] for i in order]
-    result.scores = [result.scores[i] for i in order]
-    result.labels = [result.labels[i] for i in order]
+    result.sort()
     if scale != 1.0:
         log.info("image %sx%s downscaled by %.3f for detection", image.width, image.height, scale)
     return result
@@ -191,7 +195,9 @@ class GroundingTool(Tool):
         among the detections of its parts (referring.py), described in the second value."""
         refs = [referring.parse(p) if self.geometry else referring.Referring(p, p) for p in phrases]
         queries = list(dict.fromkeys(q for ref in refs for q in ref.queries))
-        batches = [queries] if self.detector.independent_phrases else [[q] for q in queries]
+        # a detector that gives each box to one phrase of a call searches a phrase's parts one call each
+        alone = not self.detector.independent_phrases and any(ref.composed for ref in refs)
+        batches = [[q] for q in queries] if alone else [queries]
         found: dict[str, referring.Found] = {q: ([], []) for q in queries}
         result = Located()
         for batch in batches:
@@ -218,10 +224,7 @@ class GroundingTool(Tool):
                         "candidates": len(found[ref.search][0]),
                     }
                 )
-        order = sorted(range(len(result.boxes)), key=lambda i: -result.scores[i])
-        result.boxes = [result.boxes[i] for i in order]
-        result.scores = [result.scores[i] for i in order]
-        result.labels = [result.labels[i] for i in order]
+        result.sort()
         return result, resolved
 
     def forward(
