@@ -58,9 +58,8 @@ class DetectorConfig(TrainConfig):
     max_colour: int = 6
     max_referring: int = 4
     negatives: int = 4
-    hard_negatives: int = (
-        0  # absent colour phrases of present categories per image ('white house' by a red one)
-    )
+    # absent colour phrases of present categories asked per image ('white house' beside a red one)
+    hard_negatives: int = 0
     w_class: float = 2.0
     w_l1: float = 5.0
     w_giou: float = 2.0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 
 from PIL import Image
 
@@ -31,7 +30,7 @@ from toolvlm.finetune.world_scene import CATEGORIES, DEFAULT_COLOUR, PALETTES
 from toolvlm.finetune.world_text import describe, plural
 from toolvlm.tools.base import Tool
 from toolvlm.tools.counter import CounterTool
-from toolvlm.tools.detectors import Detection, Detector
+from toolvlm.tools.detectors import Detection, Detector, normalize_phrase
 from toolvlm.tools.generator import GeneratorTool
 from toolvlm.tools.grounding import GroundingTool
 from toolvlm.tools.image_backends import ImageBackend
@@ -45,14 +44,7 @@ MISS_SCORE = 0.15  # the score of a missed object: found only by a search at a t
 DISTRACTOR_SCORES = (0.3, 0.8)  # the range of scores of the other objects a one-object phrase finds too
 MAX_DISTRACTORS = 2
 THRESHOLDS = {"grounding_threshold": 0.3, "count_threshold": 0.3}  # as the bundle detector's calibration
-_ARTICLE = re.compile(r"^(the|a|an)\s+")
 _PLURALS = {plural(c): c for c in CATEGORIES}
-
-
-def normalize_phrase(phrase: str) -> str:
-    """Lower case, single spaces, no leading article or trailing full stop: 'The Tree.' -> 'tree'."""
-    text = " ".join(phrase.lower().strip().rstrip(".").split())
-    return _ARTICLE.sub("", text)
 
 
 def category_of(phrase: str) -> str | None:

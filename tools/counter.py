@@ -106,15 +106,12 @@ class CounterTool(Tool):
         located = locate(
             self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile, self.contain
         )
-        kept = [
-            i
-            for i, (s, p) in enumerate(zip(located.scores, located.labels, strict=True))
-            if s >= thresholds[p]
-        ]
-        located.boxes, located.scores, located.labels = (
-            [located.boxes[i] for i in kept],
-            [located.scores[i] for i in kept],
-            [located.labels[i] for i in kept],
+        located.select(
+            [
+                i
+                for i, (s, p) in enumerate(zip(located.scores, located.labels, strict=True))
+                if s >= thresholds[p]
+            ]
         )
         count = len(located.boxes)
         artifact = {

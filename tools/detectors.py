@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,14 @@ log = logging.getLogger(__name__)
 
 CALIBRATION = "toolvlm_detector.json"  # {"count_threshold": t, "grounding_threshold": t} beside the weights,
 # optionally "count_thresholds": {phrase: t} for the phrases calibrated one by one ('dog', 'dogs', ...)
-ARTICLES = ("the ", "a ", "an ")
+_ARTICLE = re.compile(r"^(the|a|an)\s+")
 
 
-def phrase_key(phrase: str) -> str:
-    """A phrase as calibration files key it: lower case, no leading article, single spaces."""
-    key = " ".join(phrase.lower().split())
-    for article in ARTICLES:
-        if key.startswith(article):
-            return key[len(article) :]
-    return key
+def normalize_phrase(phrase: str) -> str:
+    """Lower case, single spaces, no leading article or trailing full stop: 'The Tree.' -> 'tree' (calibration
+    files key phrases so)."""
+    text = " ".join(phrase.lower().strip().rstrip(".").split())
+    return _ARTICLE.sub("", text)
 
 
 @dataclass
@@ -77,8 +76,8 @@ class Detector:
         """The calibrated score threshold of `kind` ("count" or "grounding") the weights ship, else `default`;
         with `phrase`, the phrase's own threshold where the weights ship one."""
         own = self.calibration.get(f"{kind}_thresholds", {})
-        if phrase is not None and phrase_key(phrase) in own:
-            return float(own[phrase_key(phrase)])
+        if phrase is not None and normalize_phrase(phrase) in own:
+            return float(own[normalize_phrase(phrase)])
         return float(self.calibration.get(f"{kind}_threshold", default))
 
     def _load(self, folder: Path | str) -> None:

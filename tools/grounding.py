@@ -39,12 +39,15 @@ class Located:
     tiles: int = 1
     scale: float = 1.0
 
-    def sort(self) -> None:
-        """Order the detections best score first."""
-        order = sorted(range(len(self.boxes)), key=lambda i: -self.scores[i])
+    def select(self, order: list[int]) -> None:
+        """Keep the detections at these indices, in this order."""
         self.boxes = [self.boxes[i] for i in order]
         self.scores = [self.scores[i] for i in order]
         self.labels = [self.labels[i] for i in order]
+
+    def sort(self) -> None:
+        """Order the detections best score first."""
+        self.select(sorted(range(len(self.boxes)), key=lambda i: -self.scores[i]))
 
     def artifact(self, image: Image.Image) -> dict[str, Any]:
         """JSON-serialisable view."""
@@ -238,12 +241,7 @@ class GroundingTool(Tool):
             self.detector.load(self.name)
             threshold = self.detector.threshold("grounding", DEFAULT_THRESHOLD)
         located, resolved = self.find(image, phrases, threshold)
-        limit = max_boxes or self.max_boxes
-        located.boxes, located.scores, located.labels = (
-            located.boxes[:limit],
-            located.scores[:limit],
-            located.labels[:limit],
-        )
+        located.select(list(range(min(len(located.boxes), max_boxes or self.max_boxes))))
         artifact = {**located.artifact(image), "phrase": phrase, "threshold": threshold}
         if resolved:
             artifact["resolved"] = resolved
