@@ -41,6 +41,11 @@ class GeneratorConfig(TrainConfig):
     norm_num_groups: int = 8
     centre_sigma: float = 0.25
     prediction_type: str = "epsilon"  # or "v_prediction"
+    cond_dropout: float = 0.0  # share of images trained on the null layout (classifier-free guidance)
+    guidance_scale: float = 1.0  # the export's default guidance when sampling (> 1 needs cond_dropout)
+    object_weight: float = (
+        0.0  # > 0: small objects' pixels weigh more in the loss (layout_diffusion.object_weights)
+    )
     continue_from: str = ""  # a trained generator's export folder to train on (same architecture)
     scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
 
@@ -60,6 +65,7 @@ class GeneratorStage:
             norm_num_groups=config.norm_num_groups,
             centre_sigma=config.centre_sigma,
             prediction_type=config.prediction_type,
+            guidance_scale=config.guidance_scale,
         )
         if config.continue_from:
             self.pipe = self.continued(config.continue_from)
@@ -79,30 +85,41 @@ class GeneratorStage:
         from toolvlm.tools.layout_diffusion import LayoutDiffusion
 
         trained = LayoutDiffusion.from_pretrained(folder)
-        if trained.config != self.layout_config:
+        if not self.layout_config.same_model(trained.config):
             raise ValueError(
                 f"{folder} holds another generator than the recipe's: {trained.config} != {self.layout_config}"
             )
         trained.unet.float()
+        trained.config = self.layout_config
         return trained
 
     def batch(self, step: int) -> dict[str, Any]:
         """Images in [-1, 1] at image_size, their layout conditioning, and the step's noise generator."""
-        from toolvlm.tools.layout_diffusion import rasterize
+        from toolvlm.tools.layout_diffusion import object_weights, rasterize
 
         c = self.config
         items = [self.data[step * c.batch_size + i] for i in range(c.batch_size)]
-        cond = np.stack([rasterize(layout_of(it["ann"]), self.layout_config) * 2 - 1 for it in items])
+        layouts = [layout_of(it["ann"]) for it in items]
+        cond = np.stack([rasterize(layout, self.layout_config) * 2 - 1 for layout in layouts])
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        weights = None
+        if c.object_weight > 0:
+            weights = torch.from_numpy(
+                np.stack([object_weights(layout, self.layout_config, c.object_weight) for layout in layouts])
+            )
         return {
             "pixels": torch.stack([it["pixels"] for it in items]),
             "cond": torch.from_numpy(cond),
             "generator": generator,
+            "weights": weights,
         }
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Noise (or velocity) prediction MSE."""
-        return self.pipe.training_loss(batch["pixels"], batch["cond"], batch["generator"]), {}
+        loss = self.pipe.training_loss(
+            batch["pixels"], batch["cond"], batch["generator"], self.config.cond_dropout, batch["weights"]
+        )
+        return loss, {}
 
     def export(self, folder: Path) -> None:
         """unet/ (fp16), scheduler/, layout.json."""

@@ -168,6 +168,80 @@ def test_v_prediction_trains_on_the_velocity_and_survives_save_and_load(tmp_path
         LayoutDiffusion.build(LayoutDiffusionConfig(prediction_type="x0"))
 
 
+def test_cond_dropout_trains_on_the_null_layout(tmp_path):
+    import torch
+
+    from toolvlm.tools.layout_diffusion import LayoutDiffusionConfig
+
+    config = LayoutDiffusionConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+    model = LayoutDiffusion.build(config)
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    cond = model.conditioning(Layout(16, 16, [[2, 2, 8, 12]], ["person"])).expand(3, -1, -1, -1)
+
+    def loss(conditioning, dropout):
+        return model.training_loss(pixels, conditioning, torch.Generator().manual_seed(3), dropout).item()
+
+    null = torch.zeros_like(cond)
+    assert loss(cond, 1.0) == pytest.approx(loss(null, 0.0), rel=1e-6)
+    assert loss(cond, 0.0) != pytest.approx(loss(null, 0.0), rel=1e-6)
+    assert loss(cond, 0.5) not in (pytest.approx(loss(null, 0.0)), pytest.approx(loss(cond, 0.0)))
+
+
+def test_object_weights_give_small_objects_their_share_of_the_loss():
+    import torch
+
+    from toolvlm.tools.layout_diffusion import LayoutDiffusionConfig, object_weights
+
+    config = LayoutDiffusionConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+    layout = Layout(64, 64, [[4, 4, 8, 8], [20, 8, 60, 60]], ["person", "tree"])  # 1 x 1 and 10 x 13 at 16 px
+    weights = object_weights(layout, config, strength=4.0)
+    assert weights.shape == (1, 16, 16) and weights.mean() == pytest.approx(1.0, rel=1e-5)
+    small, big, empty = weights[0, 1, 1], weights[0, 8, 10], weights[0, 15, 0]
+    assert small == pytest.approx(5 * empty) and empty < big < small
+    assert np.allclose(object_weights(Layout(64, 64), config, 4.0), 1.0)
+
+    model = LayoutDiffusion.build(config)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    cond = model.conditioning(layout).expand(2, -1, -1, -1)
+
+    def loss(w):
+        return model.training_loss(pixels, cond, torch.Generator().manual_seed(1), weights=w).item()
+
+    assert loss(torch.ones(2, 1, 16, 16)) == pytest.approx(loss(None), rel=1e-6)
+    only_small = torch.zeros(2, 1, 16, 16)
+    only_small[:, :, 1, 1] = 256.0  # all the weight on the small object's pixel
+    assert loss(only_small) != pytest.approx(loss(None), rel=1e-3)
+
+
+def test_guidance_scale_weighs_the_layout():
+    from toolvlm.tools.layout_diffusion import LayoutDiffusionConfig
+
+    config = LayoutDiffusionConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+    model = LayoutDiffusion.build(config)
+    people = Layout(16, 16, [[2, 2, 8, 12]], ["person"])
+    tree = Layout(16, 16, [[4, 1, 14, 15]], ["tree"])
+
+    def sample(layout, w):
+        return np.asarray(model.generate(layout, seed=2, steps=3, guidance_scale=w), dtype=int)
+
+    assert np.abs(sample(people, 0.0) - sample(tree, 0.0)).max() <= 1  # w = 0: the null layout alone
+    assert np.abs(sample(people, 1.0) - sample(tree, 1.0)).max() > 1
+    assert np.abs(sample(people, 3.0) - sample(people, 1.0)).max() > 1
+    assert np.array_equal(sample(people, 1.0), np.asarray(model.generate(people, seed=2, steps=3)))
+    model.config.guidance_scale = 3.0  # the config's default, as layout.json carries it
+    assert np.array_equal(sample(people, 3.0), np.asarray(model.generate(people, seed=2, steps=3)))
+
+
+def test_the_profile_guidance_reaches_the_inhouse_model(tiny_models):
+    folder = str(tiny_models("inhouse_generator"))
+    args = {"boxes": [[0, 0, 12, 30]], "phrases": ["person"], "width": 32, "height": 32, "seed": 1}
+    plain = GeneratorTool(backend="inhouse", model=folder, steps=2)(**args).images[0]
+    unguided = GeneratorTool(backend="inhouse", model=folder, steps=2, guidance_scale=0.0)
+    assert not _same(plain, unguided(**args).images[0])
+    other = unguided(**{**args, "boxes": [[10, 2, 30, 30]], "phrases": ["tree"]}).images[0]
+    assert np.abs(np.asarray(other, dtype=int) - np.asarray(unguided(**args).images[0], dtype=int)).max() <= 1
+
+
 def test_a_batch_of_samples_equals_the_samples_one_by_one():
     import numpy as np
 

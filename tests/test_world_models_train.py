@@ -400,6 +400,16 @@ def test_generator_continues_from_a_trained_export(generator_run, tmp_path):
     assert stage.data.offset == 3 * 10**7 + 7
     with pytest.raises(ValueError, match="another generator"):
         GeneratorStage(GeneratorConfig(run_dir=str(tmp_path), continue_from=str(export), image_size=16))
+    guided = GeneratorStage(
+        GeneratorConfig(run_dir=str(tmp_path), continue_from=str(export), guidance_scale=2.5, **sizes)
+    )  # a sampling default is not the architecture: it may change, and the export carries the recipe's
+    guided.export(tmp_path / "guided")
+    assert LayoutDiffusion.from_pretrained(tmp_path / "guided").config.guidance_scale == 2.5
+    assert guided.batch(0)["weights"] is None
+    weighted = GeneratorStage(GeneratorConfig(run_dir=str(tmp_path), object_weight=3.0, **sizes))
+    batch = weighted.batch(0)
+    assert batch["weights"].shape == (16, 1, 16, 16) and batch["weights"].max() > 1.5
+    assert torch.isfinite(weighted.loss(batch)[0])
 
 
 class LinearStage:

@@ -101,7 +101,7 @@ class GeneratorTool(Tool):
         device: str = "cpu",
         dtype: str = "float32",
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         grounding: Tool | None = None,
     ) -> None:

@@ -22,6 +22,9 @@ from toolvlm.tools.layout import Layout, layout_prompt
 log = logging.getLogger(__name__)
 
 GLIGEN_MAX_BOXES = 30
+DEFAULT_GUIDANCE = (
+    7.5  # diffusers pipelines' guidance when the profile gives none (the in-house model: its own)
+)
 
 
 class ImageBackend:
@@ -36,7 +39,7 @@ class ImageBackend:
         model: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
     ) -> None:
         self.model_path = model
@@ -83,7 +86,7 @@ class ImageBackend:
             "width": width,
             "height": height,
             "generator": self._generator(seed),
-            "guidance_scale": self.guidance_scale,
+            "guidance_scale": DEFAULT_GUIDANCE if self.guidance_scale is None else self.guidance_scale,
             "negative_prompt": self.negative_prompt,
             "output_type": "pil",
         }
@@ -191,7 +194,8 @@ class InhouseBackend(ImageBackend):
     def layout(self, prompt: str | None, layout: Layout, seed: int, steps: int) -> Image.Image:
         """Render the layout and resize to the requested size."""
         labels = [self.canonical(label) for label in layout.labels]
-        image = self.pipe.generate(Layout(layout.width, layout.height, layout.boxes, labels), seed, steps)
+        canvas = Layout(layout.width, layout.height, layout.boxes, labels)
+        image = self.pipe.generate(canvas, seed, steps, guidance_scale=self.guidance_scale)
         if image.size != (layout.width, layout.height):
             image = image.resize((layout.width, layout.height), Image.Resampling.BICUBIC)
         return image

@@ -11,6 +11,11 @@ Layout conditioning (rasterised on the model's square canvas; a layout of anothe
   says how many there are.
 Channels are mapped from [0, 1] to [-1, 1] like the pixels. An empty layout is all -1 (no objects).
 
+Classifier-free guidance (Ho & Salimans): a model trained with `cond_dropout` (train_generator.py) also sees the
+null conditioning, all channels 0 (a layout's channels are always +-1 or a centre bump, so 0 everywhere is no
+layout at all, unlike the empty layout's -1); sampling then predicts u + w (c - u) from the conditioned (c) and
+null (u) predictions, w = `guidance_scale` (1: no guidance, one forward per step).
+
 Sampling: seeded Gaussian noise (a CPU `torch.Generator`, so a seed gives the same image on any device), then
 DDIM (eta 0, deterministic) over `steps` steps of the training DDPM schedule. Text is not an input: the
 generator tool maps phrases to categories (`category_of`).
@@ -22,7 +27,7 @@ Checkpoint folder: `unet/` (UNet2DModel.save_pretrained), `scheduler/` (the trai
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,12 @@ class LayoutDiffusionConfig:
     num_train_timesteps: int = 1000
     centre_sigma: float = 0.25
     prediction_type: str = "epsilon"  # or "v_prediction" (Salimans & Ho): cleaner samples from a small model
+    guidance_scale: float = 1.0  # sampling's default; > 1 needs a model trained with cond_dropout
     version: int = 1
+
+    def same_model(self, other: LayoutDiffusionConfig) -> bool:
+        """Whether `other` describes the same network and conditioning (sampling defaults aside)."""
+        return replace(other, guidance_scale=self.guidance_scale) == self
 
     @property
     def layout_channels(self) -> int:
@@ -72,6 +82,23 @@ def rasterize(layout: Layout, config: LayoutDiffusionConfig) -> np.ndarray:
         out[-1] += np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
     np.clip(out[-1], 0, 1, out=out[-1])
     return out
+
+
+def object_weights(layout: Layout, config: LayoutDiffusionConfig, strength: float) -> np.ndarray:
+    """The (1, S, S) per-pixel loss weights that give small objects their share of the loss: 1 + strength *
+    max over the boxes covering a pixel of min(1, (S/8)^2 / box area), normalised to mean 1. A ball of a few
+    pixels otherwise weighs nothing beside the sky (training only; train_generator's `object_weight`)."""
+    size = config.image_size
+    canvas = layout.scaled(size, size)
+    boost = np.zeros((size, size), dtype=np.float32)
+    reference = (size / 8) ** 2
+    for box in canvas.boxes:
+        x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+        x1, y1 = min(size, max(x0 + 1, int(np.ceil(box[2])))), min(size, max(y0 + 1, int(np.ceil(box[3]))))
+        area = max(1.0, (box[2] - box[0]) * (box[3] - box[1]))
+        np.maximum(boost[y0:y1, x0:x1], min(1.0, reference / area), out=boost[y0:y1, x0:x1])
+    weights = 1 + strength * boost
+    return (weights / weights.mean())[None]
 
 
 class LayoutDiffusion:
@@ -135,6 +162,11 @@ class LayoutDiffusion:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(folder / "unet")
+        unet_config = (
+            folder / "unet" / "config.json"
+        )  # not where it was loaded from: a folder of this machine
+        unet_config.write_text(json.dumps({k: v for k, v in json.loads(unet_config.read_text()).items()
+                                           if k != "_name_or_path"}, indent=2) + "\n")  # fmt: skip
         self.scheduler.save_pretrained(folder / "scheduler")
         (folder / "layout.json").write_text(json.dumps(asdict(self.config), indent=2))
 
@@ -160,32 +192,56 @@ class LayoutDiffusion:
 
         return torch.from_numpy(rasterize(layout, self.config) * 2 - 1)[None]
 
-    def training_loss(self, pixels: Any, conditioning: Any, generator: Any = None) -> Any:
-        """MSE of the predicted noise (or velocity) for a batch of images in [-1, 1] and their layouts."""
+    def training_loss(
+        self,
+        pixels: Any,
+        conditioning: Any,
+        generator: Any = None,
+        cond_dropout: float = 0.0,
+        weights: Any = None,
+    ) -> Any:
+        """MSE of the predicted noise (or velocity) for a batch of images in [-1, 1] and their layouts; each
+        image's layout is replaced by the null conditioning with probability `cond_dropout`; `weights` (B, 1,
+        S, S), when given, weigh the pixels (`object_weights`)."""
         import torch
 
         noise = torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (pixels.shape[0],), generator=generator, device=pixels.device)
+        if cond_dropout > 0:
+            keep = torch.rand(pixels.shape[0], generator=generator, device=pixels.device) >= cond_dropout
+            conditioning = conditioning * keep[:, None, None, None].to(conditioning.dtype)
         noisy = self.scheduler.add_noise(pixels, noise, t)
         predicted = self.unet(torch.cat([noisy, conditioning.to(noisy.dtype)], dim=1), t).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(pixels, noise, t)
         else:
             target = noise
-        return torch.nn.functional.mse_loss(predicted.float(), target.float())
+        if weights is None:
+            return torch.nn.functional.mse_loss(predicted.float(), target.float())
+        return ((predicted.float() - target.float()) ** 2 * weights.float()).mean()
 
-    def generate(self, layout: Layout, seed: int = 0, steps: int = 50) -> Image.Image:
+    def generate(
+        self, layout: Layout, seed: int = 0, steps: int = 50, guidance_scale: float | None = None
+    ) -> Image.Image:
         """Sample an image of the layout (square, image_size pixels); deterministic given the seed."""
-        return self.generate_many([layout], [seed], steps)[0]
+        return self.generate_many([layout], [seed], steps, guidance_scale)[0]
 
-    def generate_many(self, layouts: list[Layout], seeds: list[int], steps: int = 50) -> list[Image.Image]:
-        """Sample one image per (layout, seed) in one batch; image k is `generate(layouts[k], seeds[k])`."""
+    def generate_many(
+        self,
+        layouts: list[Layout],
+        seeds: list[int],
+        steps: int = 50,
+        guidance_scale: float | None = None,
+    ) -> list[Image.Image]:
+        """Sample one image per (layout, seed) in one batch; image k is `generate(layouts[k], seeds[k])`.
+        `guidance_scale` defaults to the config's."""
         import torch
         from diffusers import DDIMScheduler
 
         if len(layouts) != len(seeds):
             raise ValueError(f"{len(layouts)} layouts but {len(seeds)} seeds")
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         size = self.config.image_size
         sampler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=True, set_alpha_to_one=True)
         sampler.set_timesteps(max(1, steps))
@@ -193,9 +249,16 @@ class LayoutDiffusion:
         noise = [torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(s)) for s in seeds]
         x = torch.cat(noise).to(param.device, param.dtype)
         cond = torch.cat([self.conditioning(layout) for layout in layouts]).to(param.device, param.dtype)
+        if w != 1:
+            cond = torch.cat([cond, torch.zeros_like(cond)])
         with torch.inference_mode():
             for t in sampler.timesteps:
-                output = self.unet(torch.cat([x, cond], dim=1), t).sample
+                if w == 1:
+                    output = self.unet(torch.cat([x, cond], dim=1), t).sample
+                else:
+                    both = self.unet(torch.cat([torch.cat([x, x]), cond], dim=1), t).sample
+                    conditioned, null = both.chunk(2)
+                    output = null + w * (conditioned - null)
                 x = sampler.step(output, t, x, eta=0.0).prev_sample
         arrays = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in arrays]
