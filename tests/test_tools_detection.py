@@ -220,3 +220,9 @@ def test_counter_can_take_a_box_inside_a_better_one_for_its_part():
     plain.detector = parts.detector = DogAndHead({"count_threshold": 0.5})
     assert plain(image=image, phrase="dog").artifact["count"] == 3
     assert parts(image=image, phrase="dog").artifact["boxes"] == [[0, 0, 40, 40], [60, 0, 100, 40]]
+    shipped = CounterTool(backend="owlvit")  # no contain given: the one the weights ship
+    shipped.detector = DogAndHead({"count_threshold": 0.5, "count_contain": 0.7})
+    assert shipped(image=image, phrase="dog").artifact["count"] == 2
+    overridden = CounterTool(backend="owlvit", contain=1.0)
+    overridden.detector = shipped.detector
+    assert overridden(image=image, phrase="dog").artifact["count"] == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -159,6 +160,33 @@ def test_count_threshold_calibration_picks_the_separating_band():
         samples.append((truth, scores.astype(np.float32)))
     threshold, rate = best_threshold(samples)
     assert rate == 1.0 and 0.3 < threshold < 0.6
+
+
+def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkeypatch):
+    import numpy as np
+
+    from toolvlm.finetune import calibrate_detector
+    from toolvlm.tools.counter import CounterTool
+    from toolvlm.tools.detectors import CALIBRATION
+
+    def collect(counter, n):
+        """Dogs at 0.9, each found with its head (0.3, but 0.95 in the last scene) unless containment NMS
+        (<= 0.8) drops the heads: no threshold counts every scene right without it."""
+        dropped = counter.contain <= 0.8
+        heads = {1: 0.3, 2: 0.3, 3: 0.95}
+        return [
+            ("dog", t, np.array([0.9] * t + ([] if dropped else [heads[t]] * t), np.float32)) for t in heads
+        ]
+
+    monkeypatch.setattr(calibrate_detector, "collect", collect)
+    monkeypatch.setattr(CounterTool, "setup", lambda self: None)
+    assert calibrate_detector.main([str(tmp_path), "--contain", "1,0.8,0.6"]) == 0
+    written = json.loads((tmp_path / CALIBRATION).read_text())
+    assert written["count_contain"] == 0.8 and written["calibration_count_accuracy"] == 1.0
+    # grounding keeps the threshold found without containment
+    assert written["count_threshold"] < 0.5 < written["grounding_threshold"] < 0.9
+    assert calibrate_detector.main([str(tmp_path)]) == 0  # off unless asked for
+    assert json.loads((tmp_path / CALIBRATION).read_text())["count_contain"] == 1.0
 
 
 def test_categories_scored_lower_get_their_own_count_threshold():

@@ -57,7 +57,7 @@ class CounterTool(Tool):
         dtype: str = "float32",
         threshold: float | None = None,
         nms_iou: float = 0.5,
-        contain: float = 1.0,
+        contain: float | None = None,
         tile_size: int = 768,
         max_side: int = 4096,
         grounding: GroundingTool | None = None,
@@ -70,9 +70,8 @@ class CounterTool(Tool):
             self.detector = make_detector(self.name, backend, model=model, device=device, dtype=dtype)
         self.threshold = threshold
         self.nms_iou = nms_iou
-        # a box this much inside a better one is taken for a part of it (1: off). On the bundle's detector 0.7
-        # counts world scenes better (exact <= 30 0.852 -> 0.880 and 0.855 -> 0.865 on the eval's two sets) but
-        # the generator's overlapping people worse (the controller's generate ok 8 -> 4 of 12), so it is off
+        # a box this much inside a better one is taken for a part of it (1: off; None: what the weights ship,
+        # `count_contain` of calibrate_detector --contain, else off)
         self.contain = contain
         self.tile_size = tile_size
         self.max_side = max_side
@@ -91,6 +90,13 @@ class CounterTool(Tool):
         self.detector.load(self.name)
         return self.detector.threshold("count", DEFAULT_THRESHOLD, phrase)
 
+    def effective_contain(self) -> float:
+        """The containment NMS threshold: the tool's, else the one the weights ship, else 1 (off)."""
+        if self.contain is not None:
+            return self.contain
+        self.detector.load(self.name)
+        return float(self.detector.calibration.get("count_contain", 1.0))
+
     def forward(
         self, image: Image.Image, phrase: str, threshold: float | None = None, tiling: bool | None = None
     ) -> ToolOutput:
@@ -104,7 +110,14 @@ class CounterTool(Tool):
         # forced tiling of a small image still cuts it into about 2x2 windows
         tile = min(self.tile_size, math.ceil(small_side * 0.6)) if tiling else None
         located = locate(
-            self.detector, image, phrases, threshold, self.nms_iou, self.max_side, tile, self.contain
+            self.detector,
+            image,
+            phrases,
+            threshold,
+            self.nms_iou,
+            self.max_side,
+            tile,
+            self.effective_contain(),
         )
         located.select(
             [
