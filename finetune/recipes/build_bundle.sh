@@ -38,7 +38,12 @@ stage_captioner() {
   # then at 320 px input, its position embeddings interpolated
   $PY -m toolvlm.finetune.train_world captioner $R/world_captioner_320.yaml continue_from=runs/captioner_colours2/export
 }
-stage_generator() { $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml; }
+stage_generator() {
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator.yaml
+  # then trained for classifier-free guidance (null layouts), then with small objects weighing more in the loss
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator_guidance.yaml continue_from=runs/generator/export
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml
+}
 stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
   $TOOLVLM finetune $R/controller_stage1.yaml model.spec.vision.checkpoint=runs/detector/export/vision
@@ -51,7 +56,7 @@ stage_controller() {
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_hard_negatives \
     captioner=runs/captioner_320 \
-    generator=runs/generator controller=runs/controller_stage2_retry
+    generator=runs/generator_objects controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
 }
