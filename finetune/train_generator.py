@@ -43,9 +43,8 @@ class GeneratorConfig(TrainConfig):
     prediction_type: str = "epsilon"  # or "v_prediction"
     cond_dropout: float = 0.0  # share of images trained on the null layout (classifier-free guidance)
     guidance_scale: float = 1.0  # the export's default guidance when sampling (> 1 needs cond_dropout)
-    object_weight: float = (
-        0.0  # > 0: small objects' pixels weigh more in the loss (layout_diffusion.object_weights)
-    )
+    # > 0: small objects' pixels weigh more in the loss (layout_diffusion.object_weights)
+    object_weight: float = 0.0
     continue_from: str = ""  # a trained generator's export folder to train on (same architecture)
     scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
 

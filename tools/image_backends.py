@@ -22,9 +22,8 @@ from toolvlm.tools.layout import Layout, layout_prompt
 log = logging.getLogger(__name__)
 
 GLIGEN_MAX_BOXES = 30
-DEFAULT_GUIDANCE = (
-    7.5  # diffusers pipelines' guidance when the profile gives none (the in-house model: its own)
-)
+# diffusers pipelines' guidance when the profile gives none (the in-house model uses its layout.json's)
+DEFAULT_GUIDANCE = 7.5
 
 
 class ImageBackend:
