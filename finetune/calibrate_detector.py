@@ -110,20 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counter = CounterTool(backend="inhouse", model=args.detector)
     counter.setup()
-    best: tuple[float, float, float, list] | None = None  # rate, contain, threshold, samples
-    grounding = None  # grounding keeps every box NMS keeps: its threshold is the one without containment
+    tried = []  # (rate, contain, threshold, samples) per containment value
     for contain in (float(c) for c in args.contain.split(",")):
         counter.contain = contain
-        tried = collect(counter, args.n)
-        threshold, rate = best_threshold([(t, s) for _, t, s in tried])
+        samples = collect(counter, args.n)
+        threshold, rate = best_threshold([(t, s) for _, t, s in samples])
         log.info("contain %s: threshold %s counts %.4f right", contain, threshold, rate)
-        if best is None or rate > best[0]:
-            best = (rate, contain, threshold, tried)
-        if contain >= 1:
-            grounding = threshold
-    assert best is not None
-    rate, contain, threshold, samples = best
-    grounding = threshold if grounding is None else grounding
+        tried.append((rate, contain, threshold, samples))
+    rate, contain, threshold, samples = max(tried, key=lambda r: r[0])  # the first listed on ties
+    # grounding keeps every box NMS keeps: its threshold is the one found without containment
+    grounding = next((t for _, c, t, _ in tried if c >= 1), threshold)
     own = own_thresholds(samples, threshold, args.min_samples, args.min_gain) if args.own_thresholds else {}
     threshold_of = {c: own.get(c, threshold) for c, _, _ in samples}
     rate_own = float(np.mean([correct(t, int((s >= threshold_of[c]).sum())) for c, t, s in samples]))

@@ -405,6 +405,7 @@ def test_generator_continues_from_a_trained_export(generator_run, tmp_path):
     )  # a sampling default is not the architecture: it may change, and the export carries the recipe's
     guided.export(tmp_path / "guided")
     assert LayoutDiffusion.from_pretrained(tmp_path / "guided").config.guidance_scale == 2.5
+    assert "_name_or_path" not in json.loads((tmp_path / "guided" / "unet" / "config.json").read_text())
     assert guided.batch(0)["weights"] is None
     weighted = GeneratorStage(GeneratorConfig(run_dir=str(tmp_path), object_weight=3.0, **sizes))
     batch = weighted.batch(0)

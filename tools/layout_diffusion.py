@@ -162,11 +162,11 @@ class LayoutDiffusion:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(folder / "unet")
-        unet_config = (
-            folder / "unet" / "config.json"
-        )  # not where it was loaded from: a folder of this machine
-        unet_config.write_text(json.dumps({k: v for k, v in json.loads(unet_config.read_text()).items()
-                                           if k != "_name_or_path"}, indent=2) + "\n")  # fmt: skip
+        # diffusers records the folder a model was loaded from; a checkpoint carries no path of this machine
+        unet_config = folder / "unet" / "config.json"
+        config = json.loads(unet_config.read_text())
+        config.pop("_name_or_path", None)
+        unet_config.write_text(json.dumps(config, indent=2) + "\n")
         self.scheduler.save_pretrained(folder / "scheduler")
         (folder / "layout.json").write_text(json.dumps(asdict(self.config), indent=2))
 
