@@ -3,9 +3,10 @@
 The model is transformers' `OwlViTForObjectDetection`: every image patch predicts a box (`box_head`, biased to
 its grid cell) and a class embedding that is matched against the text-query embeddings of the same text tower
 the encoder was pretrained with (`init_from`: the encoder's export folder; empty: random init; `continue_from`: a
-trained detector's export, to train it further). Queries per image
-are world phrases: every present category (sometimes plural), colour phrases ('person in a red shirt'), referring
-expressions ('the red frisbee next to the dog', positive only on their target) and absent phrases (negatives).
+trained detector's export, to train it further). Queries per image are world phrases: every present category
+(sometimes plural), colour phrases ('person in a red shirt'), referring expressions ('the red frisbee next to the
+dog', positive only on their target) and absent phrases (negatives: a few drawn, or with `all_negatives` every
+absent category and colour phrase, as the evaluation asks them all).
 With `generated` and `p_generated`, that share of each batch is the generator's own samples of known layouts
 (finetune/generated_set.py), asked category queries only, so that counts read back on generated images.
 
@@ -58,6 +59,7 @@ class DetectorConfig(TrainConfig):
     max_colour: int = 6
     max_referring: int = 4
     negatives: int = 4
+    all_negatives: bool = False  # ask every absent category and colour phrase (then `negatives` is unused)
     # absent colour phrases of present categories asked per image ('white house' beside a red one)
     hard_negatives: int = 0
     w_class: float = 2.0
@@ -72,6 +74,7 @@ class DetectorConfig(TrainConfig):
     p_generated: float = 0.0  # share of batch images drawn from it (category queries only)
     focus: list[str] = field(default_factory=list)  # categories to show more often (e.g. the weakest AP's)
     p_focus: float = 0.0  # share of batch images drawn from training scenes that hold one of them
+    scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -187,7 +190,11 @@ class DetectorStage:
             self.model = resize_vision(self.model, config.image_size)
         vision = self.model.config.vision_config
         self.data = WorldScenes(
-            "train", length=10**8, offset=10**7, image_size=vision.image_size, p_lowres=config.p_lowres
+            "train",
+            length=10**8,
+            offset=10**7 + config.scene_offset,
+            image_size=vision.image_size,
+            p_lowres=config.p_lowres,
         )
         unknown = set(config.focus) - set(CATEGORIES)
         if unknown or (config.p_focus > 0 and not config.focus):
@@ -235,6 +242,7 @@ class DetectorStage:
                 c.negatives,
                 colours_known=known,
                 hard_negatives=c.hard_negatives,
+                all_negatives=c.all_negatives,
             )
             for it, known in items
         ]

@@ -159,12 +159,14 @@ def detection_target(
     p_plural: float = 0.2,
     colours_known: bool = True,
     hard_negatives: int = 0,
+    all_negatives: bool = False,
 ) -> DetectionTarget:
     """Queries for one image: every present category, colour phrases, referring expressions, absent phrases.
     `hard_negatives` of the absent phrases name a present category in a colour it does not have here ('white
     house' beside a red one), the confusions random absent phrases rarely show. Without `colours_known` (an
     image whose colours are not the scene's, as a generated one) the queries are only present and absent
-    categories."""
+    categories. With `all_negatives` every absent phrase is asked, as the evaluation asks them all (a flower
+    must learn it is no bird, not only the absent categories a draw happens to pick)."""
     if not colours_known:
         max_colour = max_referring = hard_negatives = 0
     objects = ann["objects"]
@@ -202,9 +204,12 @@ def detection_target(
             add(expr["text"], "referring", [expr["target"]])
     absent = [c for c in CATEGORIES if c not in present]
     absent_colours = [p for p in colour_phrases() if p not in colours]
-    n_colour = negatives // 2 if colours_known else 0
-    pool = rng.sample(absent, min(len(absent), negatives - n_colour))
-    pool += rng.sample(absent_colours, min(len(absent_colours), n_colour))
+    if all_negatives:
+        pool = absent + (absent_colours if colours_known else [])
+    else:
+        n_colour = negatives // 2 if colours_known else 0
+        pool = rng.sample(absent, min(len(absent), negatives - n_colour))
+        pool += rng.sample(absent_colours, min(len(absent_colours), n_colour))
     shown = {describe(o["category"], o["color"]) for o in objects if o.get("color")}
     hard = [describe(c, colour) for c in present for colour in PALETTES.get(c, ())]
     hard = [p for p in hard if p not in shown and p not in pool]

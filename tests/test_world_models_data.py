@@ -187,6 +187,9 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
     assert written["count_threshold"] < 0.5 < written["grounding_threshold"] < 0.9
     assert calibrate_detector.main([str(tmp_path)]) == 0  # off unless asked for
     assert json.loads((tmp_path / CALIBRATION).read_text())["count_contain"] == 1.0
+    assert calibrate_detector.main([str(tmp_path), "--grounding-threshold", "0.2"]) == 0
+    written = json.loads((tmp_path / CALIBRATION).read_text())
+    assert written["grounding_threshold"] == 0.2 and written["count_threshold"] > 0.5  # counting's own kept
 
 
 def test_categories_scored_lower_get_their_own_count_threshold():
@@ -207,3 +210,24 @@ def test_categories_scored_lower_get_their_own_count_threshold():
     assert set(own) == {"bird", "birds"} | ({"dog", "dogs"} if "dog" in own else set())
     assert 0.1 < own["bird"] < 0.15 and own["birds"] == own["bird"]
     assert own_thresholds(samples, shared, min_samples=50, min_gain=2) == {}
+
+
+def test_all_negatives_asks_every_absent_phrase_once():
+    from toolvlm.finetune.world import CATEGORIES
+    from toolvlm.finetune.world_data import colour_phrases
+    from toolvlm.finetune.world_text import describe
+
+    ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
+    present = {o["category"] for o in ann["objects"]}
+    t = detection_target(ann, random.Random(0), negatives=2, hard_negatives=3, all_negatives=True)
+    negatives = [p for p, kind in zip(t.phrases, t.kinds, strict=True) if kind == "negative"]
+    assert len(negatives) == len(set(negatives))
+    assert set(CATEGORIES) - present <= set(negatives)
+    shown = {describe(o["category"], o["color"]) for o in ann["objects"] if o.get("color")}
+    absent_colours = set(colour_phrases()) - shown
+    assert set(negatives) == (set(CATEGORIES) - present) | absent_colours
+    assert not any(q in pos for pos in t.positives for q, k in enumerate(t.kinds) if k == "negative")
+    blind = detection_target(ann, random.Random(0), all_negatives=True, colours_known=False)
+    assert {p for p, k in zip(blind.phrases, blind.kinds, strict=True) if k == "negative"} == set(
+        CATEGORIES
+    ) - present

@@ -51,12 +51,16 @@ def test_detector_continues_from_a_trained_export_with_its_heads(detector_run, t
 
     from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
 
-    stage = DetectorStage(DetectorConfig(run_dir=str(tmp_path), continue_from=str(detector_run / "export")))
+    export = str(detector_run / "export")
+    stage = DetectorStage(DetectorConfig(run_dir=str(tmp_path), continue_from=export, scene_offset=5))
     saved = load_file(detector_run / "export" / "model.safetensors")
     params = dict(stage.model.named_parameters())
     for name in ("box_head.dense2.weight", "class_head.logit_shift.bias", "owlvit.logit_scale"):
         torch.testing.assert_close(params[name].detach(), saved[name].float())  # not re-drawn
     assert stage.tokenizer("a red frisbee")["input_ids"]  # the export's own tokenizer
+    fresh = stage.items(0)[0][0]["ann"]  # fresh training scenes: the first is the plain run's sixth
+    plain = DetectorStage(DetectorConfig(run_dir=str(tmp_path), continue_from=export)).items(0)
+    assert stage.data.offset == 10**7 + 5 and fresh == plain[5][0]["ann"]
 
 
 def test_detector_resized_to_a_larger_input_equals_interpolated_position_embeddings(detector_run, tmp_path):
