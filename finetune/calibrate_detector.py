@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("contain %s: threshold %s counts %.4f right", contain, threshold, rate)
         tried.append((rate, contain, threshold, samples))
     rate, contain, threshold, samples = max(tried, key=lambda r: r[0])  # the first listed on ties
-    # grounding keeps every box NMS keeps: its threshold is the one found without containment
-    grounding = next((t for _, c, t, _ in tried if c >= 1), threshold)
-    if args.grounding_threshold is not None:
-        grounding = args.grounding_threshold
+    # grounding keeps every box NMS keeps: its threshold is the one given, else the one found without containment
+    grounding = args.grounding_threshold
+    if grounding is None:
+        grounding = next((t for _, c, t, _ in tried if c >= 1), threshold)
     own = own_thresholds(samples, threshold, args.min_samples, args.min_gain) if args.own_thresholds else {}
     threshold_of = {c: own.get(c, threshold) for c, _, _ in samples}
     rate_own = float(np.mean([correct(t, int((s >= threshold_of[c]).sum())) for c, t, s in samples]))
