@@ -273,6 +273,43 @@ def resize_vision(model: Any, image_size: int) -> Any:
     return resized.to(next(model.parameters()).dtype)
 
 
+def deepen_vision(model: Any, extra: int) -> Any:
+    """The model rebuilt with `extra` more layers on top of its vision tower, each starting as the identity (the
+    residual branches' output projections zero, as ReZero and zero-init residual blocks start), so that the
+    rebuilt model computes what the model did and training grows the new layers from there."""
+    if extra <= 0:
+        return model
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    old = config.vision_config.num_hidden_layers
+    config.vision_config.num_hidden_layers = old + extra
+    deeper = model.__class__(config)
+    missing, unexpected = deeper.load_state_dict(model.state_dict(), strict=False)
+    new_layers = tuple(f"vision_model.encoder.layers.{i}." for i in range(old, old + extra))
+    strange = [k for k in missing if not any(n in k for n in new_layers)]
+    if strange or unexpected:
+        raise ValueError(f"deepening failed: missing {strange[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, module in deeper.named_modules():
+            if any(
+                name.endswith(n + "self_attn.out_proj") or name.endswith(n + "mlp.fc2") for n in new_layers
+            ):
+                module.weight.zero_()
+                module.bias.zero_()
+    log.info("%s vision tower deepened from %d to %d layers", model.__class__.__name__, old, old + extra)
+    return deeper.to(next(model.parameters()).dtype)
+
+
+def freeze_vision(model: Any, layers: int) -> None:
+    """Freeze the vision tower's patch and position embeddings, its pre-norm and its first `layers` layers."""
+    if layers <= 0:
+        return
+    vision = next(m for n, m in model.named_modules() if n.endswith("vision_model"))
+    frozen = [vision.embeddings, *[m for n, m in vision.named_children() if n.startswith("pre_lay")]]
+    frozen += list(vision.encoder.layers[:layers])
+    for module in frozen:
+        module.requires_grad_(False)
+
+
 def load_trained(model_class: Any, folder: str, config: Any = None) -> tuple[Any, Any]:
     """A stage's exported model (in float32, to train on) and its tokenizer, from its export folder. With the
     run's `config`, the model is resized to the config's image_size (`resize_vision`) when it saw another, and

@@ -11,7 +11,11 @@ each text is true of its own image only. With `w_presence`, each image is also c
 the same temperature (CLIP's zero-shot classifier, here supervised): the batch's many images with clouds make
 'a photo with a cloud' a weak InfoNCE positive, and this term asks the question the zero-shot test asks.
 
-A run can start from a trained encoder's export (`continue_from`, its tokenizer kept) instead of from scratch.
+A run can start from a trained encoder's export (`continue_from`, its tokenizer kept) instead of from scratch,
+optionally with `add_layers` new vision layers on top (each starting as the identity) and the tower's first
+`freeze_layers` layers kept as they are: a 4-layer tower's class token pools too little of what its patch tokens
+see of small objects (the detector on those tokens tells presence far better than the image embedding), and the
+new layers let it read the finished patch tokens again.
 
 Export (`export/`): the OwlViTModel with its tokenizer and an OwlViTProcessor, and `vision/`, the vision tower
 as a `CLIPVisionModel` folder (weights mapped one to one) for the VLM builder (`VisionSpec(checkpoint=...)`).
@@ -28,7 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, vit_shape
+from toolvlm.finetune.train_common import (
+    TrainConfig,
+    deepen_vision,
+    fp16_copy,
+    freeze_vision,
+    load_trained,
+    vit_shape,
+)
 from toolvlm.finetune.world import CATEGORIES
 from toolvlm.finetune.world_data import (
     CLIP_MEAN,
@@ -66,6 +77,8 @@ class EncoderConfig(TrainConfig):
     w_presence: float = 0.0  # weight of the presence loss (CLIP zero-shot classification as a training task)
     tokenizer_scenes: int = 400  # scenes whose texts the BPE merges are learned from
     continue_from: str = ""  # a trained encoder's export folder to train on (its tokenizer and sizes)
+    add_layers: int = 0  # vision layers put on top of the continued tower, starting as the identity
+    freeze_layers: int = 0  # the continued tower's embeddings and first layers kept as they are
 
 
 def owlvit_config(c: EncoderConfig, tokenizer: Any) -> Any:
@@ -144,6 +157,11 @@ class EncoderStage:
         self.config = config
         if config.continue_from:
             self.model, self.tokenizer = load_trained(OwlViTModel, config.continue_from, config)
+            self.model = deepen_vision(self.model, config.add_layers)
+            config.vision_layers += config.add_layers
+            freeze_vision(self.model, config.freeze_layers)
+        elif config.add_layers or config.freeze_layers:
+            raise ValueError("add_layers and freeze_layers grow and keep a trained tower: set continue_from")
         else:
             self.tokenizer = build_tokenizer(config.max_length, n_scenes=config.tokenizer_scenes)
             self.model = OwlViTModel(owlvit_config(config, self.tokenizer))

@@ -351,6 +351,37 @@ def test_reorder_specials_moves_the_special_rows():
     assert reorder_specials(new, embeddings) is new
 
 
+def test_encoder_deepened_on_a_trained_tower_starts_as_it_and_trains_only_the_new_layers(
+    encoder_run, tmp_path
+):
+    from toolvlm.finetune.train_encoder import EncoderConfig, EncoderStage
+
+    def stage(**options) -> EncoderStage:
+        return EncoderStage(
+            EncoderConfig(
+                run_dir=str(tmp_path), continue_from=str(encoder_run / "export"), image_size=32, **options
+            )
+        )
+
+    base, deeper = stage(), stage(add_layers=2, freeze_layers=1)
+    assert len(deeper.model.vision_model.encoder.layers) == deeper.config.vision_layers == 3
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            deeper.model.get_image_features(pixel_values=pixels).pooler_output,
+            base.model.get_image_features(pixel_values=pixels).pooler_output,
+        )  # the new layers start as the identity
+    loss, _ = deeper.loss(deeper.batch(0))
+    loss.backward()
+    layers = deeper.model.vision_model.encoder.layers
+    assert all(p.grad is None and not p.requires_grad for p in layers[0].parameters())
+    assert all(not p.requires_grad for p in deeper.model.vision_model.embeddings.parameters())
+    assert layers[1].self_attn.out_proj.weight.grad.abs().sum() > 0  # the zero projections learn
+    assert deeper.model.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="continue_from"):
+        EncoderStage(EncoderConfig(run_dir=str(tmp_path), add_layers=1, tokenizer_scenes=10))
+
+
 def test_presence_loss_classifies_each_category_pair(tmp_path):
     from toolvlm.finetune.train_encoder import EncoderConfig, EncoderStage
     from toolvlm.finetune.world import CATEGORIES
