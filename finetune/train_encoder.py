@@ -13,9 +13,8 @@ the same temperature (CLIP's zero-shot classifier, here supervised): the batch's
 
 A run can start from a trained encoder's export (`continue_from`, its tokenizer kept) instead of from scratch,
 optionally with `add_layers` new vision layers on top (each starting as the identity) and the tower's first
-`freeze_layers` layers kept as they are: a 4-layer tower's class token pools too little of what its patch tokens
-see of small objects (the detector on those tokens tells presence far better than the image embedding), and the
-new layers let it read the finished patch tokens again.
+`freeze_layers` layers kept as they are, so that the class token can read finished patch tokens again (tried on
+the detector's tower, `world_encoder_deeper.yaml`: its presence fell below the encoder trained whole).
 
 Export (`export/`): the OwlViTModel with its tokenizer and an OwlViTProcessor, and `vision/`, the vision tower
 as a `CLIPVisionModel` folder (weights mapped one to one) for the VLM builder (`VisionSpec(checkpoint=...)`).
