@@ -23,7 +23,7 @@ stage_detector()  {
   # then 1500 more where each image is also asked for present categories in colours they lack (hard negatives)
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_hard_negatives.yaml \
     continue_from=runs/detector_focus/export
-  # then four rounds of 1500 where each image is asked every absent phrase, the fourth on fresh scenes
+  # then rounds of 1500 where each image is asked every absent phrase, the fourth on fresh scenes
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_all_negatives.yaml \
     continue_from=runs/detector_hard_negatives/export
   for k in 2 3; do
@@ -32,8 +32,14 @@ stage_detector()  {
   done
   $PY -m toolvlm.finetune.train_world detector  $R/world_detector_all_negatives.yaml \
     run_dir=runs/detector_all_negatives4 continue_from=runs/detector_all_negatives3/export scene_offset=1000000 seed=1
+  # four more rounds, each on fresh scenes
+  for k in 5 6 7 8; do
+    $PY -m toolvlm.finetune.train_world detector  $R/world_detector_all_negatives.yaml \
+      run_dir=runs/detector_all_negatives$k continue_from=runs/detector_all_negatives$((k - 1))/export \
+      scene_offset=$(((k - 3) * 1000000)) seed=$((k - 3))
+  done
   # the counting threshold; grounding's lower, so that position words find weak candidates too
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector_all_negatives4/export --n 200 --grounding-threshold 0.2
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector_all_negatives8/export --n 200 --grounding-threshold 0.2
 }
 stage_encoder_from_detector() {
   # the bundle's encoder: the detector's OWL-ViT weights trained contrastively again with the presence loss
@@ -64,7 +70,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_all_negatives4 \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_all_negatives8 \
     captioner=runs/captioner_320 \
     generator=runs/generator_objects controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
