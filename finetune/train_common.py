@@ -259,9 +259,7 @@ def resize_vision(model: Any, image_size: int) -> Any:
         probe = torch.zeros((1, 1 + (image_size // vision.patch_size) ** 2, vision.hidden_size))
         position = embeddings.interpolate_pos_encoding(probe, image_size, image_size)
     state[key] = position[0] if state[key].dim() == 2 else position  # an Embedding's weight or a Parameter
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.vision_config.image_size = image_size
-    resized = model.__class__(config)
+    resized = rebuilt(model, image_size=image_size)
     resized.load_state_dict(state)
     log.info(
         "%s resized from %d to %d px (%d patches)",
@@ -270,7 +268,20 @@ def resize_vision(model: Any, image_size: int) -> Any:
         image_size,
         position.shape[1] - 1,
     )
-    return resized.to(next(model.parameters()).dtype)
+    return resized
+
+
+def vision_tower(model: Any) -> Any:
+    """The vision transformer of a CLIP/OWL-ViT-style model (its `vision_model`)."""
+    return next(m for n, m in model.named_modules() if n.endswith("vision_model"))
+
+
+def rebuilt(model: Any, **vision: Any) -> Any:
+    """A new model of the same class and dtype whose vision config takes `vision`'s values (weights not loaded)."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    for name, value in vision.items():
+        setattr(config.vision_config, name, value)
+    return model.__class__(config).to(next(model.parameters()).dtype)
 
 
 def deepen_vision(model: Any, extra: int) -> Any:
@@ -279,31 +290,27 @@ def deepen_vision(model: Any, extra: int) -> Any:
     rebuilt model computes what the model did and training grows the new layers from there."""
     if extra <= 0:
         return model
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    old = config.vision_config.num_hidden_layers
-    config.vision_config.num_hidden_layers = old + extra
-    deeper = model.__class__(config)
+    old = model.config.vision_config.num_hidden_layers
+    deeper = rebuilt(model, num_hidden_layers=old + extra)
     missing, unexpected = deeper.load_state_dict(model.state_dict(), strict=False)
     new_layers = tuple(f"vision_model.encoder.layers.{i}." for i in range(old, old + extra))
     strange = [k for k in missing if not any(n in k for n in new_layers)]
     if strange or unexpected:
         raise ValueError(f"deepening failed: missing {strange[:4]}, unexpected {unexpected[:4]}")
     with torch.no_grad():
-        for name, module in deeper.named_modules():
-            if any(
-                name.endswith(n + "self_attn.out_proj") or name.endswith(n + "mlp.fc2") for n in new_layers
-            ):
-                module.weight.zero_()
-                module.bias.zero_()
+        for layer in vision_tower(deeper).encoder.layers[old:]:
+            for residual_out in (layer.self_attn.out_proj, layer.mlp.fc2):
+                residual_out.weight.zero_()
+                residual_out.bias.zero_()
     log.info("%s vision tower deepened from %d to %d layers", model.__class__.__name__, old, old + extra)
-    return deeper.to(next(model.parameters()).dtype)
+    return deeper
 
 
 def freeze_vision(model: Any, layers: int) -> None:
     """Freeze the vision tower's patch and position embeddings, its pre-norm and its first `layers` layers."""
     if layers <= 0:
         return
-    vision = next(m for n, m in model.named_modules() if n.endswith("vision_model"))
+    vision = vision_tower(model)
     frozen = [vision.embeddings, *[m for n, m in vision.named_children() if n.startswith("pre_lay")]]
     frozen += list(vision.encoder.layers[:layers])
     for module in frozen:

@@ -157,7 +157,7 @@ class EncoderStage:
         if config.continue_from:
             self.model, self.tokenizer = load_trained(OwlViTModel, config.continue_from, config)
             self.model = deepen_vision(self.model, config.add_layers)
-            config.vision_layers += config.add_layers
+            config.vision_layers = self.model.config.vision_config.num_hidden_layers
             freeze_vision(self.model, config.freeze_layers)
         elif config.add_layers or config.freeze_layers:
             raise ValueError("add_layers and freeze_layers grow and keep a trained tower: set continue_from")
