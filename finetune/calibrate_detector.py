@@ -112,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grounding-threshold", type=float, default=None, help="grounding's own (default: the counting one)"
     )
+    parser.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="views the detector looks at (2: also half a patch off)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counter = CounterTool(backend="inhouse", model=args.detector)
+    counter = CounterTool(backend="inhouse", model=args.detector, views=args.views)
     counter.setup()
     tried = []  # (rate, contain, threshold, samples) per containment value
     for contain in (float(c) for c in args.contain.split(",")):
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rate_own = float(np.mean([correct(t, int((s >= threshold_of[c]).sum())) for c, t, s in samples]))
     path = Path(args.detector, CALIBRATION)
     path.write_text(json.dumps({"count_threshold": threshold, "grounding_threshold": grounding,
-                                "count_contain": contain,
+                                "count_contain": contain, "views": args.views,
                                 "count_thresholds": own, "calibration_count_accuracy": round(rate, 4),
                                 "calibration_count_accuracy_own": round(rate_own, 4), "n_scenes": args.n},
                                indent=2) + "\n")  # fmt: skip

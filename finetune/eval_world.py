@@ -143,25 +143,7 @@ def average_precision(dets: list[tuple[float, int, list[float]]], gts: dict[int,
 
 def phrase_detections(detector: Any, image: Any, phrases: list[str], top_k: int = 100) -> list[tuple]:
     """Per phrase (boxes (N, 4) pixels, scores (N,)) after per-phrase NMS; phrases are scored independently."""
-    import torch
-
-    model, processor = detector.model, detector.processor
-    inputs = processor(
-        text=[phrases],
-        images=image,
-        return_tensors="pt",
-        padding="max_length",
-        truncation=True,
-        max_length=model.config.text_config.max_position_embeddings,
-    )
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        out = model(**inputs)
-    probs = out.logits[0].float().sigmoid().numpy()  # (P, Q)
-    cx, cy, w, h = out.pred_boxes[0].float().numpy().T
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * np.array(
-        [image.width, image.height] * 2
-    )
+    boxes, probs = detector.phrase_scores(image, phrases)
     result = []
     for q in range(len(phrases)):
         order = np.argsort(-probs[:, q])[:top_k]

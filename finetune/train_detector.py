@@ -37,7 +37,7 @@ from toolvlm.finetune.train_encoder import (
     owlvit_config,
     owlvit_processor,
 )
-from toolvlm.finetune.world import CATEGORIES, sample_scene
+from toolvlm.finetune.world import CATEGORIES, WorldConfig, sample_scene
 from toolvlm.finetune.world_data import WorldScenes, detection_target, scene_seed
 from toolvlm.finetune.world_tokenizer import build_tokenizer, reorder_specials, special_ids
 
@@ -75,6 +75,7 @@ class DetectorConfig(TrainConfig):
     focus: list[str] = field(default_factory=list)  # categories to show more often (e.g. the weakest AP's)
     p_focus: float = 0.0  # share of batch images drawn from training scenes that hold one of them
     scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
+    p_composed: float = 0.0  # share of training scenes from the composed family (any place, size, background)
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -195,6 +196,7 @@ class DetectorStage:
             offset=10**7 + config.scene_offset,
             image_size=vision.image_size,
             p_lowres=config.p_lowres,
+            world=WorldConfig().with_composed(config.p_composed),
         )
         unknown = set(config.focus) - set(CATEGORIES)
         if unknown or (config.p_focus > 0 and not config.focus):

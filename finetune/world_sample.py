@@ -1,9 +1,12 @@
-"""Random scenes of the world, deterministic per seed: four families (crowd, dog and frisbee, street, mixed).
+"""Random scenes of the world, deterministic per seed: four families (crowd, dog and frisbee, street, mixed) and
+a fifth, `composed`, that no default mix draws (a detector's recipe can ask for it).
 
 Ground objects follow a simple perspective: the horizon row is depth 0, the bottom row depth 1, and an object's
 size grows with its depth (small people far up, big people near the bottom). Every box lies inside the canvas,
 and an object may hide at most `WorldConfig.max_overlap` of the box of any object painted before it, so every
-object stays recognisable. This module only makes `Scene` data; it draws nothing and writes no words.
+object stays recognisable. The composed family drops the perspective and the family layouts: objects of any
+category at any place and size, on any background (half of them all grass), as people compose scenes for
+`toolvlm world render`. This module only makes `Scene` data; it draws nothing and writes no words.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from toolvlm.finetune.world_scene import (
     Scene,
     WorldConfig,
     default_horizon,
+    infer_place,
     layer,
     road_top,
 )
@@ -302,7 +306,38 @@ def _mixed(b: _Builder) -> None:
             b.ground(category, depth=(0.25, 1.0))
 
 
-_FAMILY_BUILDERS = {"crowd": _crowd, "dog_frisbee": _dog_frisbee, "street": _street, "mixed": _mixed}
+COMPOSED_BACKGROUNDS = ("grass", "grass", "park", "street")  # all grass: what no other family shows
+
+
+def _composed(b: _Builder) -> None:
+    """Objects of the mixed pool anywhere below the horizon (flyers half the time above it), any size."""
+    rng, scene = b.rng, b.scene
+    if scene.horizon > 0:
+        b.sky_dressing(p_sun=0.3, max_clouds=2)
+    road = road_top(scene)
+    for category in rng.choices(_MIXED_POOL, _MIXED_WEIGHTS, k=rng.randint(2, 12)):
+        pose = {"person": "standing", "dog": rng.choice(("standing", "lying"))}.get(category)
+        flies = category in ("frisbee", "ball", "bird") and scene.horizon > 0 and rng.random() < 0.5
+        for _ in range(30):
+            h = rng.uniform(MIN_HEIGHT[category] * b.unit, 1.3 * REF_HEIGHT[category] * b.H)
+            w = h * aspect(category, pose, "in the air" if flies else "on the grass")
+            w, h = max(2, min(b.W, round(w))), max(2, min(b.H, round(h)))
+            top = min(h, scene.horizon) if flies else min(max(h, scene.horizon + 4), b.H)
+            bottom = rng.randint(top, scene.horizon if flies else b.H)
+            obj = b._make(category, w, h, rng.randint(0, b.W - w), bottom, color=b.color(category), pose=pose)
+            obj.place = infer_place(category, obj.box, scene.background, scene.horizon, road)
+            obj.facing = rng.choice(("left", "right"))
+            if b.add(obj):
+                break
+
+
+_FAMILY_BUILDERS = {
+    "crowd": _crowd,
+    "dog_frisbee": _dog_frisbee,
+    "street": _street,
+    "mixed": _mixed,
+    "composed": _composed,
+}
 _FAMILY_BACKGROUND = {"crowd": "park", "dog_frisbee": "park", "street": "street", "mixed": "park"}
 
 
@@ -315,7 +350,7 @@ def sample_scene(seed: int, config: WorldConfig | None = None, family: str | Non
         family = rng.choices(names, [config.family_weights[f] for f in names])[0]
     elif family not in FAMILIES:
         raise ValueError(f"unknown scene family {family!r}; families are: {', '.join(FAMILIES)}")
-    background = _FAMILY_BACKGROUND[family]
+    background = _FAMILY_BACKGROUND.get(family) or rng.choice(COMPOSED_BACKGROUNDS)
     horizon = round(rng.uniform(0.28, 0.45) * config.height)
     if background not in ("park", "street"):
         horizon = default_horizon(background, config.height)

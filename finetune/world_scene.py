@@ -9,7 +9,7 @@ tightly (its drawn pixels touch all four sides). This module knows nothing about
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 CATEGORIES: tuple[str, ...] = (
@@ -69,7 +69,7 @@ PLACES: tuple[str, ...] = ("on the grass", "in the air", "in the sky", "on the r
 POSES: dict[str, tuple[str, ...]] = {"person": ("standing",), "dog": ("standing", "lying")}
 FACINGS: tuple[str, ...] = ("left", "right")
 BACKGROUNDS: tuple[str, ...] = ("park", "grass", "sky", "street")
-FAMILIES: tuple[str, ...] = ("crowd", "dog_frisbee", "street", "mixed")
+FAMILIES: tuple[str, ...] = ("crowd", "dog_frisbee", "street", "mixed", "composed")
 
 
 @dataclass
@@ -201,7 +201,9 @@ def _fail(where: str, message: str) -> None:
     raise ValueError(f"{where}: {message}")
 
 
-def _infer_place(category: str, box: list[int], background: str, horizon: int, road: int) -> str | None:
+def infer_place(category: str, box: list[int], background: str, horizon: int, road: int) -> str | None:
+    """Where an object given only by its box is: sky objects in the sky, flyers above the horizon in the air,
+    cars low on a street on the road, the rest on the grass."""
     if category in SKY_CATEGORIES:
         return "in the sky"
     if background == "sky":
@@ -264,7 +266,7 @@ def scene_from_spec(spec: dict[str, Any]) -> Scene:
         pose = o.get("pose", POSES.get(category, (None,))[0])
         if pose not in POSES.get(category, (None,)):
             _fail(where, f"pose {pose!r} does not fit; poses for a {category}: {POSES.get(category, 'none')}")
-        place = o.get("place") or _infer_place(category, box, background, horizon, road)
+        place = o.get("place") or infer_place(category, box, background, horizon, road)
         if place is not None and place not in PLACES:
             _fail(where, f"unknown place {place!r}; places are: {', '.join(PLACES)}")
         facing = o.get("facing", "right")
@@ -296,6 +298,14 @@ class WorldConfig:
             raise ValueError("family_weights must give some family a positive weight")
         if not 1 <= self.min_people <= self.max_people:
             raise ValueError(f"need 1 <= min_people <= max_people, got {self.min_people}, {self.max_people}")
+
+    def with_composed(self, share: float) -> WorldConfig:
+        """This world with `share` of its scenes drawn from the composed family, the others' weights scaled."""
+        if not 0 <= share < 1:
+            raise ValueError(f"the composed family's share must be in [0, 1), got {share}")
+        total = sum(w for f, w in self.family_weights.items() if f != "composed")
+        weights = {f: w * (1 - share) / total for f, w in self.family_weights.items() if f != "composed"}
+        return replace(self, family_weights={**weights, "composed": share} if share else weights)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

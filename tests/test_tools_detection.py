@@ -123,6 +123,47 @@ def test_unknown_backend_lists_known_ones():
         GroundingTool(backend="yolo")
 
 
+def test_a_second_view_half_a_patch_off_maps_back_to_the_image(scene, tiny_models, tmp_path):
+    import json
+    import shutil
+
+    import numpy as np
+
+    from toolvlm.tools.detectors import CALIBRATION, make_detector
+
+    image = scene(160, 120)
+    one = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=1)
+    two = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=2)
+    one.load(), two.load()
+    boxes, scores = two.phrase_scores(image, ["person", "tree"])  # every box, each phrase scored on its own
+    assert boxes.shape == (32, 4) and scores.shape == (
+        32,
+        2,
+    )  # a 64-px input of 16-px patches: 16 boxes a view
+    assert np.allclose(boxes[:16], one.phrase_scores(image, ["person", "tree"])[0])
+    # the random model's boxes are its grid's prior boxes (centres at the far edge of each patch); the second
+    # view's, 160 * 16 / 128 = 20 px and 120 * 16 / 128 = 15 px on and 140x105 px wide, lie between the first's
+    xs, ys = np.round((boxes[:, 0] + boxes[:, 2]) / 2), np.round((boxes[:, 1] + boxes[:, 3]) / 2)
+    assert sorted(set(xs[:16])) == [40, 80, 120, 160] and sorted(set(ys[:16])) == [30, 60, 90, 120]
+    assert sorted(set(xs[16:])) == [55, 90, 125, 160] and sorted(set(ys[16:])) == [41, 68, 94, 120]
+    first, both = one.detect(image, ["person", "tree"], 0.0), two.detect(image, ["person", "tree"], 0.0)
+    assert [d.box for d in both[: len(first)]] == [d.box for d in first] and len(both) > len(first)
+    tool = GroundingTool(backend="inhouse", model=str(tiny_models("owlvit")), threshold=0.0, views=2)
+    assert all(_inside(box, image) for box in tool(image=image, phrase="person").artifact["boxes"])  # clipped
+    # the number of views ships with the calibrated thresholds; a tool's own setting wins
+    shipped = shutil.copytree(tiny_models("owlvit"), tmp_path / "owl")
+    (shipped / CALIBRATION).write_text(json.dumps({"count_threshold": 0.3, "views": 2}))
+    assert make_detector("counter", "inhouse", model=str(shipped)).n_views == 1  # not loaded yet: one
+    loaded = make_detector("counter", "inhouse", model=str(shipped))
+    loaded.load()
+    assert loaded.n_views == 2 and len(loaded.phrase_scores(image, ["person"])[0]) == 32
+    own = make_detector("counter", "inhouse", model=str(shipped), views=1)
+    own.load()
+    assert own.n_views == 1 and len(own.phrase_scores(image, ["person"])[0]) == 16
+    with pytest.raises(ValueError, match="views must be 1 or 2"):
+        GroundingTool(backend="inhouse", views=3)
+
+
 @pytest.mark.parametrize("kind", ["owlv2", "grounding_dino"])
 def test_counter_counts_boxes_and_tiles(scene, tiny_models, kind):
     counter = CounterTool(backend=kind, model=str(tiny_models(kind)), threshold=0.0, tile_size=96)

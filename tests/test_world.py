@@ -104,6 +104,38 @@ def test_crowds_reach_sixty_people_with_perspective(scenes):
     assert np.mean([o.height for o in far]) < 0.6 * np.mean([o.height for o in near])
 
 
+def test_composed_family_drops_perspective_and_shows_every_background():
+    assert "composed" not in {
+        s.family for s in (sample_scene(i) for i in range(200))
+    }  # no default mix draws it
+    world = WorldConfig().with_composed(0.25)
+    assert world.family_weights["composed"] == 0.25 and sum(world.family_weights.values()) == pytest.approx(1)
+    assert WorldConfig().with_composed(0).family_weights == WorldConfig().family_weights
+    with pytest.raises(ValueError, match="share"):
+        WorldConfig().with_composed(1.0)
+    composed = [sample_scene(i, family="composed") for i in range(200)]
+    assert {s.background for s in composed} == {"grass", "park", "street"}
+    assert Counter(s.background for s in composed)["grass"] > 60  # half of them, which no other family shows
+
+    def size_follows_row(scenes: list[Scene]) -> float:
+        people = [(o.box[3], o.height) for s in scenes for o in s.objects if o.category == "person"]
+        return float(np.corrcoef(np.array(people).T)[0, 1])
+
+    # a person's height no longer follows the row of its feet (perspective: 0.97 in the mixed family)
+    assert (
+        size_follows_row(composed)
+        < 0.5
+        < 0.9
+        < size_follows_row([sample_scene(i, family="mixed") for i in range(100)])
+    )
+    assert sample_scene(5, world).to_dict() == sample_scene(5, world).to_dict()
+    for scene in composed:
+        for o in scene.objects:
+            assert 0 <= o.box[0] < o.box[2] <= scene.width and 0 <= o.box[1] < o.box[3] <= scene.height
+            assert o.place != "in the air" or o.box[3] <= scene.horizon  # flyers up in the sky only
+        annotate(scene)  # every composed scene has captions, relations and expressions
+
+
 def test_crowd_on_larger_canvas():
     config = replace(WorldConfig(), width=448, height=448, family_weights={"crowd": 1.0})
     scene = sample_scene(3, config)

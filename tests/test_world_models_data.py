@@ -190,6 +190,16 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
     assert calibrate_detector.main([str(tmp_path), "--grounding-threshold", "0.2"]) == 0
     written = json.loads((tmp_path / CALIBRATION).read_text())
     assert written["grounding_threshold"] == 0.2 and written["count_threshold"] > 0.5  # counting's own kept
+    assert written["views"] == 1
+    views = []
+    monkeypatch.setattr(
+        calibrate_detector, "collect", lambda counter, n: views.append(counter.detector.views) or []
+    )
+    monkeypatch.setattr(calibrate_detector, "best_threshold", lambda samples: (0.3, 1.0))
+    assert calibrate_detector.main([str(tmp_path), "--views", "2"]) == 0
+    assert (
+        views == [2] and json.loads((tmp_path / CALIBRATION).read_text())["views"] == 2
+    )  # counted as shipped
 
 
 def test_categories_scored_lower_get_their_own_count_threshold():

@@ -61,13 +61,16 @@ class CounterTool(Tool):
         tile_size: int = 768,
         max_side: int = 4096,
         grounding: GroundingTool | None = None,
+        views: int | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.backend = backend
         if grounding is not None and model is None:
             self.detector = grounding.detector  # share the grounding tool's model
         else:
-            self.detector = make_detector(self.name, backend, model=model, device=device, dtype=dtype)
+            self.detector = make_detector(
+                self.name, backend, model=model, device=device, dtype=dtype, views=views
+            )
         self.threshold = threshold
         self.nms_iou = nms_iou
         # a box this much inside a better one is taken for a part of it (1: off; None: what the weights ship,

@@ -178,10 +178,13 @@ class GroundingTool(Tool):
         max_side: int = 2048,
         max_boxes: int = 100,
         geometry: bool = True,
+        views: int | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.backend = backend
-        self.detector = make_detector(self.name, backend, model=model, device=device, dtype=dtype)
+        self.detector = make_detector(
+            self.name, backend, model=model, device=device, dtype=dtype, views=views
+        )
         self.threshold = threshold
         self.nms_iou = nms_iou
         self.max_side = max_side
