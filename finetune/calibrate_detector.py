@@ -119,33 +119,43 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="views the detector looks at (2: also half a patch off)",
     )
+    parser.add_argument(
+        "--view-iou",
+        default="0.5",
+        help="with two views, IoU values to try above which a box suppresses one of the other view, comma-separated",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counter = CounterTool(backend="inhouse", model=args.detector, views=args.views)
     counter.setup()
-    tried = []  # (rate, contain, threshold, samples) per containment value
+    tried = []  # (rate, contain, view IoU, threshold, samples) per containment value and view IoU
+    view_ious = [float(v) for v in args.view_iou.split(",")] if args.views == 2 else [None]
     for contain in (float(c) for c in args.contain.split(",")):
-        counter.contain = contain
-        samples = collect(counter, args.n)
-        threshold, rate = best_threshold([(t, s) for _, t, s in samples])
-        log.info("contain %s: threshold %s counts %.4f right", contain, threshold, rate)
-        tried.append((rate, contain, threshold, samples))
-    rate, contain, threshold, samples = max(tried, key=lambda r: r[0])  # the first listed on ties
+        for view_iou in view_ious:
+            counter.contain = contain
+            counter.detector.calibration["view_iou"] = view_iou  # what the counter's NMS reads
+            samples = collect(counter, args.n)
+            threshold, rate = best_threshold([(t, s) for _, t, s in samples])
+            log.info(
+                "contain %s, view IoU %s: threshold %s counts %.4f right", contain, view_iou, threshold, rate
+            )
+            tried.append((rate, contain, view_iou, threshold, samples))
+    rate, contain, view_iou, threshold, samples = max(tried, key=lambda r: r[0])  # the first listed on ties
     # grounding keeps every box NMS keeps: its threshold is the one given, else the one found without containment
     grounding = args.grounding_threshold
     if grounding is None:
-        grounding = next((t for _, c, t, _ in tried if c >= 1), threshold)
+        grounding = next((t for _, c, v, t, _ in tried if c >= 1 and v == view_iou), threshold)
     own = own_thresholds(samples, threshold, args.min_samples, args.min_gain) if args.own_thresholds else {}
     threshold_of = {c: own.get(c, threshold) for c, _, _ in samples}
     rate_own = float(np.mean([correct(t, int((s >= threshold_of[c]).sum())) for c, t, s in samples]))
     path = Path(args.detector, CALIBRATION)
     path.write_text(json.dumps({"count_threshold": threshold, "grounding_threshold": grounding,
-                                "count_contain": contain, "views": args.views,
+                                "count_contain": contain, "views": args.views, "view_iou": view_iou,
                                 "count_thresholds": own, "calibration_count_accuracy": round(rate, 4),
                                 "calibration_count_accuracy_own": round(rate_own, 4), "n_scenes": args.n},
                                indent=2) + "\n")  # fmt: skip
     print(
-        f"count threshold {threshold}, contain {contain} (exact/within-10% counts {rate:.3f} on calibration "
+        f"count threshold {threshold}, contain {contain}, view IoU {view_iou} (exact/within-10% counts {rate:.3f} on calibration "
         f"scenes; with {len(own) // 2} categories' own, {rate_own:.3f}) -> {path}"
     )
     return 0

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from toolvlm.finetune.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
 from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_prompts, scene_seed
 from toolvlm.finetune.world_text import describe, plural
-from toolvlm.tools import grounding
+from toolvlm.tools import grounding, imaging
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,6 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> list[int]:
-    """Indices kept by greedy non-maximum suppression, best first."""
-    keep: list[int] = []
-    for i in np.argsort(-scores):
-        if all(iou(boxes[i].tolist(), boxes[j].tolist()) < threshold for j in keep):
-            keep.append(int(i))
-    return keep
-
-
 def average_precision(dets: list[tuple[float, int, list[float]]], gts: dict[int, list[list[float]]]) -> float:
     """VOC all-point AP at IoU 0.5 for one phrase: dets (score, image, box), gts image -> boxes."""
     n_gt = sum(len(b) for b in gts.values())
@@ -143,11 +134,13 @@ def average_precision(dets: list[tuple[float, int, list[float]]], gts: dict[int,
 
 def phrase_detections(detector: Any, image: Any, phrases: list[str], top_k: int = 100) -> list[tuple]:
     """Per phrase (boxes (N, 4) pixels, scores (N,)) after per-phrase NMS; phrases are scored independently."""
-    boxes, probs = detector.phrase_scores(image, phrases)
+    boxes, probs, views = detector.phrase_scores(image, phrases)
     result = []
     for q in range(len(phrases)):
         order = np.argsort(-probs[:, q])[:top_k]
-        keep = nms(boxes[order], probs[order, q])
+        keep = imaging.nms(
+            boxes[order], probs[order, q], 0.5, groups=views[order], cross_iou=detector.view_iou
+        )
         result.append((boxes[order][keep], probs[order, q][keep]))
     return result
 

@@ -135,11 +135,12 @@ def test_a_second_view_half_a_patch_off_maps_back_to_the_image(scene, tiny_model
     one = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=1)
     two = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=2)
     one.load(), two.load()
-    boxes, scores = two.phrase_scores(image, ["person", "tree"])  # every box, each phrase scored on its own
+    boxes, scores, views = two.phrase_scores(image, ["person", "tree"])  # each phrase scored on its own
     assert boxes.shape == (32, 4) and scores.shape == (
         32,
         2,
     )  # a 64-px input of 16-px patches: 16 boxes a view
+    assert views.tolist() == [0] * 16 + [1] * 16
     assert np.allclose(boxes[:16], one.phrase_scores(image, ["person", "tree"])[0])
     # the random model's boxes are its grid's prior boxes (centres at the far edge of each patch); the second
     # view's, 160 * 16 / 128 = 20 px and 120 * 16 / 128 = 15 px on and 140x105 px wide, lie between the first's
@@ -148,6 +149,7 @@ def test_a_second_view_half_a_patch_off_maps_back_to_the_image(scene, tiny_model
     assert sorted(set(xs[16:])) == [55, 90, 125, 160] and sorted(set(ys[16:])) == [41, 68, 94, 120]
     first, both = one.detect(image, ["person", "tree"], 0.0), two.detect(image, ["person", "tree"], 0.0)
     assert [d.box for d in both[: len(first)]] == [d.box for d in first] and len(both) > len(first)
+    assert {d.view for d in both[: len(first)]} == {0} and {d.view for d in both[len(first) :]} == {1}
     tool = GroundingTool(backend="inhouse", model=str(tiny_models("owlvit")), threshold=0.0, views=2)
     assert all(_inside(box, image) for box in tool(image=image, phrase="person").artifact["boxes"])  # clipped
     # the number of views ships with the calibrated thresholds; a tool's own setting wins

@@ -48,6 +48,16 @@ def test_nms_can_drop_a_part_inside_a_whole():
     assert imaging.nms(boxes, [0.5, 0.8, 0.7], 0.5, contain_threshold=0.7) == [1, 2]  # the better box stays
 
 
+def test_nms_between_groups_has_its_own_threshold():
+    a, c, near = [0, 0, 10, 30], [30, 0, 40, 30], [2, 0, 12, 30]  # near: IoU 8/12 with a
+    shifted = [5, 0, 15, 30]  # IoU 5/15 with a: kept by NMS at 0.5 ...
+    assert imaging.nms([a, shifted, c], [0.9, 0.8, 0.7], 0.5, groups=[0, 1, 1]) == [0, 1, 2]
+    # ... but a box of another view (group) goes above 0.3, while one of the same view keeps NMS's 0.5
+    assert imaging.nms([a, shifted, c], [0.9, 0.8, 0.7], 0.5, groups=[0, 1, 1], cross_iou=0.3) == [0, 2]
+    assert imaging.nms([a, shifted, c], [0.9, 0.8, 0.7], 0.5, groups=[0, 0, 1], cross_iou=0.3) == [0, 1, 2]
+    assert imaging.nms([a, near, c], [0.9, 0.8, 0.7], 0.5, groups=[0, 0, 1], cross_iou=0.3) == [0, 2]
+
+
 def test_fit_image_and_modes():
     big, scale = imaging.fit_image(Image.new("RGB", (4000, 1000)), 1000)
     assert big.size == (1000, 250) and scale == 0.25

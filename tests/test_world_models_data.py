@@ -191,15 +191,21 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
     written = json.loads((tmp_path / CALIBRATION).read_text())
     assert written["grounding_threshold"] == 0.2 and written["count_threshold"] > 0.5  # counting's own kept
     assert written["views"] == 1
-    views = []
-    monkeypatch.setattr(
-        calibrate_detector, "collect", lambda counter, n: views.append(counter.detector.views) or []
-    )
-    monkeypatch.setattr(calibrate_detector, "best_threshold", lambda samples: (0.3, 1.0))
-    assert calibrate_detector.main([str(tmp_path), "--views", "2"]) == 0
+    assert written["view_iou"] is None
+
+    def collect_views(counter, n):
+        """A dog seen in two views (only a view IoU of 0.3 or less merges its two boxes) and two dogs, the second
+        at 0.8: unmerged, no threshold counts both scenes right."""
+        merged = counter.detector.calibration["view_iou"] <= 0.3
+        seen = np.array([0.9] if merged else [0.9, 0.85], np.float32)
+        return [("dog", 1, seen), ("dog", 2, np.array([0.88, 0.8], np.float32))]
+
+    monkeypatch.setattr(calibrate_detector, "collect", collect_views)
+    assert calibrate_detector.main([str(tmp_path), "--views", "2", "--view-iou", "0.5,0.3,0.2"]) == 0
+    written = json.loads((tmp_path / CALIBRATION).read_text())  # counted as the tools will count
     assert (
-        views == [2] and json.loads((tmp_path / CALIBRATION).read_text())["views"] == 2
-    )  # counted as shipped
+        written["views"] == 2 and written["view_iou"] == 0.3 and written["calibration_count_accuracy"] == 1.0
+    )
 
 
 def test_categories_scored_lower_get_their_own_count_threshold():

@@ -11,7 +11,8 @@ CALIBRATION): at the image, and at the image cut by half a patch of the model's 
 scores each object at the one patch nearest its centre, and a small trained detector scores an object whose
 centre falls at some places of its patch grid far lower than at others (the thirteenth bundle's detector: one person
 alone on grass below the counting threshold at 12% of the positions of a grid, 0% with the second view); the
-two views' boxes are merged by the caller's NMS. OWLv2's image processor needs scipy for its resize; we pad to a square
+two views' boxes are merged by the caller's NMS, where a box suppresses a weaker one of the other view above
+`view_iou` (shipped too): the two boxes of one small blurry object can overlap less than NMS's 0.5. OWLv2's image processor needs scipy for its resize; we pad to a square
 and resize with PIL ourselves (same geometry: pad bottom/right with gray, then resize), then let the processor
 rescale and normalise.
 """
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION = "toolvlm_detector.json"  # {"count_threshold": t, "grounding_threshold": t} beside the weights,
 # optionally "count_thresholds": {phrase: t} for the phrases calibrated one by one ('dog', 'dogs', ...) and
-# "views": 2 where the thresholds were calibrated looking twice
+# "views": 2 where the thresholds were calibrated looking twice, with "view_iou" for merging the views' boxes
 _ARTICLE = re.compile(r"^(the|a|an)\s+")
 
 
@@ -52,6 +53,7 @@ class Detection:
     box: list[float]
     score: float
     label: str
+    view: int = 0  # which view of the image it was seen in (0: the image as given)
 
 
 class Detector:
@@ -95,6 +97,11 @@ class Detector:
         if phrase is not None and normalize_phrase(phrase) in own:
             return float(own[normalize_phrase(phrase)])
         return float(self.calibration.get(f"{kind}_threshold", default))
+
+    @property
+    def view_iou(self) -> float | None:
+        """IoU above which a box suppresses a weaker one of another view (the weights', else None: NMS's own)."""
+        return self.calibration.get("view_iou")
 
     @property
     def n_views(self) -> int:
@@ -175,32 +182,33 @@ class OwlDetector(Detector):
     def detect(self, image: Image.Image, phrases: list[str], threshold: float) -> list[Detection]:
         """Run the model once per view on all phrases; labels are the phrases."""
         found = []
-        for view, dx, dy in self._views(image):
+        for view, (pixels, dx, dy) in enumerate(self._views(image)):
             result = self.processor.post_process_grounded_object_detection(
-                self._forward(view, phrases),
+                self._forward(pixels, phrases),
                 threshold=threshold,
-                target_sizes=[(view.height, view.width)],
+                target_sizes=[(pixels.height, pixels.width)],
                 text_labels=[phrases],
             )[0]
             found += [
-                Detection([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy], float(score), label)
+                Detection([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy], float(score), label, view)
                 for box, score, label in zip(
                     result["boxes"].tolist(), result["scores"].tolist(), result["text_labels"], strict=True
                 )
             ]
         return found
 
-    def phrase_scores(self, image: Image.Image, phrases: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Every predicted box of every view in pixels of `image` (N, 4), with each phrase's own score (N, P):
-        phrases scored independently, not each box given to its best phrase as `detect` does."""
-        boxes, scores = [], []
-        for view, dx, dy in self._views(image):
-            outputs = self._forward(view, phrases)
+    def phrase_scores(self, image: Image.Image, phrases: list[str]) -> tuple[np.ndarray, ...]:
+        """Every predicted box of every view in pixels of `image` (N, 4), each phrase's own score (N, P) and the
+        view it was seen in (N,): phrases scored independently, not each box given to its best phrase."""
+        boxes, scores, views = [], [], []
+        for view, (pixels, dx, dy) in enumerate(self._views(image)):
+            outputs = self._forward(pixels, phrases)
             cx, cy, w, h = outputs.pred_boxes[0].cpu().numpy().T
             corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-            boxes.append(corners * np.array([view.width, view.height] * 2) + np.array([dx, dy] * 2))
+            boxes.append(corners * np.array([pixels.width, pixels.height] * 2) + np.array([dx, dy] * 2))
             scores.append(outputs.logits[0].sigmoid().cpu().numpy())
-        return np.concatenate(boxes), np.concatenate(scores)
+            views.append(np.full(len(corners), view))
+        return np.concatenate(boxes), np.concatenate(scores), np.concatenate(views)
 
 
 class Owlv2Detector(OwlDetector):

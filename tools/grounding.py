@@ -81,7 +81,8 @@ def locate(
     contain: float = 1.0,
 ) -> Located:
     """Detect `phrases` in `image`; boxes come back in pixels of `image` (any downscaling is undone). NMS per
-    phrase at `nms_iou`, also dropping a box that lies `contain` or more inside a better one (1: off)."""
+    phrase at `nms_iou` (between boxes of two views of the detector, its `view_iou`), also dropping a box that
+    lies `contain` or more inside a better one (1: off)."""
     if min(image.size) < MIN_SIDE:
         raise ToolInputError(
             f"the image is {image.width}x{image.height} pixels, too small to search; "
@@ -100,7 +101,7 @@ def locate(
         )
         for det in detector.detect(crop, phrases, threshold):
             box = [det.box[0] + x0, det.box[1] + y0, det.box[2] + x0, det.box[3] + y0]
-            found.append(Detection(box, det.score, det.label))
+            found.append(Detection(box, det.score, det.label, det.view))
     result = Located(tiles=len(windows), scale=scale)
     for label in dict.fromkeys(d.label for d in found):
         group = [d for d in found if d.label == label]
@@ -111,7 +112,14 @@ def locate(
         keep = [
             i for i in range(len(group)) if boxes[i][2] - boxes[i][0] >= 1 and boxes[i][3] - boxes[i][1] >= 1
         ]
-        kept = imaging.nms([boxes[i] for i in keep], [group[i].score for i in keep], nms_iou, contain)
+        kept = imaging.nms(
+            [boxes[i] for i in keep],
+            [group[i].score for i in keep],
+            nms_iou,
+            contain,
+            [group[i].view for i in keep],
+            detector.view_iou,
+        )
         for k in kept:
             i = keep[k]
             result.boxes.append(boxes[i])

@@ -117,14 +117,20 @@ def nms(
     scores: Sequence[float],
     iou_threshold: float,
     contain_threshold: float = 1.0,
+    groups: Sequence[int] | None = None,
+    cross_iou: float | None = None,
 ) -> list[int]:
     """Greedy non-maximum suppression; indices kept, best score first. With `contain_threshold` < 1, a box is
-    also suppressed when that share of the smaller of it and a better box lies in both (a part inside a whole)."""
+    also suppressed when that share of the smaller of it and a better box lies in both (a part inside a whole).
+    With `groups` (e.g. the view each box was seen in), a better box of another group suppresses above
+    `cross_iou` instead of `iou_threshold`."""
     if len(boxes) == 0:
         return []
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = list(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"))
     areas = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    group = np.zeros(len(b), dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    cross = iou_threshold if cross_iou is None else cross_iou
     keep: list[int] = []
     while order:
         i = order.pop(0)
@@ -139,10 +145,11 @@ def nms(
         overlap = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
         smaller = np.minimum(areas[i], areas[rest])
         inside = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
+        limit = np.where(group[rest] == group[i], iou_threshold, cross)
         order = [
             int(j)
-            for j, o, c in zip(rest, overlap, inside, strict=True)
-            if o <= iou_threshold and (c < contain_threshold or contain_threshold >= 1.0)
+            for j, o, c, t in zip(rest, overlap, inside, limit, strict=True)
+            if o <= t and (c < contain_threshold or contain_threshold >= 1.0)
         ]
     return keep
 
