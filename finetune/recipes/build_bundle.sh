@@ -38,8 +38,15 @@ stage_detector()  {
       run_dir=runs/detector_all_negatives$k continue_from=runs/detector_all_negatives$((k - 1))/export \
       scene_offset=$(((k - 3) * 1000000)) seed=$((k - 3))
   done
-  # the counting threshold; grounding's lower, so that position words find weak candidates too
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector_all_negatives8/export --n 200 --grounding-threshold 0.2
+  # two rounds where a quarter of the scenes are composed: any place, size and background (fourteenth bundle)
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector_composed.yaml \
+    continue_from=runs/detector_all_negatives8/export
+  $PY -m toolvlm.finetune.train_world detector  $R/world_detector_composed.yaml \
+    run_dir=runs/detector_composed2 continue_from=runs/detector_composed/export scene_offset=7000000 seed=7
+  # the counting threshold, looking twice (the image and half a patch off) and merging the views' boxes at the
+  # view IoU that counts best; grounding's threshold lower, so that position words find weak candidates too
+  $PY -m toolvlm.finetune.calibrate_detector runs/detector_composed2/export --n 200 --grounding-threshold 0.2 \
+    --views 2 --view-iou 0.3,0.2
 }
 stage_encoder_from_detector() {
   # the bundle's encoder: the detector's OWL-ViT weights trained contrastively again with the presence loss
@@ -70,7 +77,7 @@ stage_controller() {
   $TOOLVLM finetune $R/controller_stage2_retry.yaml model.adapter=runs/controller_stage2_more/adapter
 }
 stage_export() {
-  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_all_negatives8 \
+  $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_composed2 \
     captioner=runs/captioner_320 \
     generator=runs/generator_objects controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
