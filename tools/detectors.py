@@ -9,12 +9,12 @@ image it was given, scores, the phrase each box answers). It knows nothing of th
 tiling or drawing (see grounding.py). An OWL detector may look twice (`views=2`, or `"views": 2` shipped in
 CALIBRATION): at the image, and at the image cut by half a patch of the model's input at the top left. OWL-ViT
 scores each object at the one patch nearest its centre, and a small trained detector scores an object whose
-centre falls at some places of its patch grid far lower than at others (the thirteenth bundle's detector: one person
-alone on grass below the counting threshold at 12% of the positions of a grid, 0% with the second view); the
-two views' boxes are merged by the caller's NMS, where a box suppresses a weaker one of the other view above
-`view_iou` (shipped too): the two boxes of one small blurry object can overlap less than NMS's 0.5. OWLv2's image processor needs scipy for its resize; we pad to a square
-and resize with PIL ourselves (same geometry: pad bottom/right with gray, then resize), then let the processor
-rescale and normalise.
+centre falls at some places of its patch grid far lower than at others (the thirteenth bundle's detector: one
+person alone on grass below the counting threshold at 12% of the positions of a grid, 0% with the second view).
+The two views' boxes are merged by the caller's NMS, where a box suppresses a weaker one of the other view above
+`view_iou` (shipped too): the two boxes of one small blurry object can overlap less than NMS's 0.5. Other
+backends look once. OWLv2's image processor needs scipy for its resize; we pad to a square and resize with PIL
+ourselves (same geometry: pad bottom/right with gray, then resize), then let the processor rescale and normalise.
 """
 
 from __future__ import annotations
