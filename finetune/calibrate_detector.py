@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for contain in (float(c) for c in args.contain.split(",")):
         for view_iou in view_ious:
             counter.contain = contain
-            counter.detector.calibration["view_iou"] = view_iou  # what the counter's NMS reads
+            counter.detector.given_view_iou = view_iou
             samples = collect(counter, args.n)
             threshold, rate = best_threshold([(t, s) for _, t, s in samples])
             log.info(

@@ -134,12 +134,11 @@ def test_a_second_view_half_a_patch_off_maps_back_to_the_image(scene, tiny_model
     image = scene(160, 120)
     one = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=1)
     two = make_detector("grounding", "inhouse", model=str(tiny_models("owlvit")), views=2)
-    one.load(), two.load()
+    one.load()
+    two.load()
     boxes, scores, views = two.phrase_scores(image, ["person", "tree"])  # each phrase scored on its own
-    assert boxes.shape == (32, 4) and scores.shape == (
-        32,
-        2,
-    )  # a 64-px input of 16-px patches: 16 boxes a view
+    assert boxes.shape == (32, 4)  # a 64-px input of 16-px patches: 16 boxes a view
+    assert scores.shape == (32, 2)
     assert views.tolist() == [0] * 16 + [1] * 16
     assert np.allclose(boxes[:16], one.phrase_scores(image, ["person", "tree"])[0])
     # the random model's boxes are its grid's prior boxes (centres at the far edge of each patch); the second

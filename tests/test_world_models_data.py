@@ -196,7 +196,7 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
     def collect_views(counter, n):
         """A dog seen in two views (only a view IoU of 0.3 or less merges its two boxes) and two dogs, the second
         at 0.8: unmerged, no threshold counts both scenes right."""
-        merged = counter.detector.calibration["view_iou"] <= 0.3
+        merged = counter.detector.view_iou <= 0.3
         seen = np.array([0.9] if merged else [0.9, 0.85], np.float32)
         return [("dog", 1, seen), ("dog", 2, np.array([0.88, 0.8], np.float32))]
 

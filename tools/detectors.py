@@ -69,6 +69,7 @@ class Detector:
         device: str = "cpu",
         dtype: str = "float32",
         views: int | None = None,
+        view_iou: float | None = None,
     ) -> None:
         if views not in (None, 1, 2):
             raise ValueError(f"views must be 1 or 2 (None: what the weights ship), got {views!r}")
@@ -76,6 +77,7 @@ class Detector:
         self.device = device
         self.dtype = dtype
         self.views = views  # None: the calibration's "views", else 1
+        self.given_view_iou = view_iou  # None: the calibration's "view_iou", else NMS's own
         self.model: Any = None
         self.processor: Any = None
         self.calibration: dict[str, float] = {}  # thresholds shipped with the weights (CALIBRATION file)
@@ -100,8 +102,9 @@ class Detector:
 
     @property
     def view_iou(self) -> float | None:
-        """IoU above which a box suppresses a weaker one of another view (the weights', else None: NMS's own)."""
-        return self.calibration.get("view_iou")
+        """IoU above which a box suppresses a weaker one of another view: the one given, else the weights', else
+        None (NMS's own)."""
+        return self.given_view_iou if self.given_view_iou is not None else self.calibration.get("view_iou")
 
     @property
     def n_views(self) -> int:
