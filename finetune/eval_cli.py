@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     world.add_argument("--n", type=int, default=50, help="held-out scenes (default 50)")
     world.add_argument("--offset", type=int, default=0, help="first held-out scene index (fresh scenes)")
     world.add_argument("--n-generate", type=int, default=10, help="layouts to generate from (default 10)")
-    world.add_argument("--gen-steps", type=int, default=25, help="DDIM steps per generated image")
+    world.add_argument(
+        "--gen-steps",
+        type=int,
+        default=None,
+        help="denoising steps per generated image (default: the model's)",
+    )
     world.add_argument("--count-threshold", type=float, default=None, help="counter score threshold")
     world.add_argument(
         "--parts",

@@ -62,7 +62,7 @@ class EvalOptions:
     models: dict[str, str | None] = field(default_factory=dict)  # part -> folder (None: the bundle's)
     count_threshold: float | None = None  # None: the counter tool's default
     n_generate: int = 10
-    gen_steps: int = 25
+    gen_steps: int | None = None  # the generator's own default
     caption_tokens: int = 80
     parts: tuple[str, ...] = PARTS  # which parts to score (the generator is scored with the detector)
 
@@ -307,11 +307,12 @@ def eval_encoder(folder: Path, scenes: list[Any]) -> dict[str, Any]:
 
 
 def eval_generator(
-    tools: dict[str, Any], scenes: list[Any], steps: int, threshold: float | None = None
+    tools: dict[str, Any], scenes: list[Any], steps: int | None, threshold: float | None = None
 ) -> dict[str, Any]:
     """Generate from held-out layouts; agreement when every layout category's detected count is within 10%.
     The same check on the world's own drawings of the layouts is reported as the ceiling the detector allows."""
     backend, counter = tools["generator"].backend, tools["counter"]
+    steps = steps or backend.default_steps()
 
     def agreement(image: Any, counts: dict[str, int]) -> dict[str, bool]:
         got = {c: counter.forward(image, c, threshold=threshold).artifact["count"] for c in counts}

@@ -8,7 +8,7 @@ here is a training-split scene's layout drawn by the generator: its boxes and ca
     python -m toolvlm.finetune.generated_set --generator bundle/generator --n 900 --out runs/generated
 
 Folder: `images/NNNNNN.png` (the generator's square output) and `samples.jsonl`, one line per image:
-{"image", "index" (the train scene), "seed" (the sampling noise), "steps"}. Writing resumes where a previous
+{"image", "index" (the train scene), "seed" (the sampling noise), "steps", "sampler"}. Writing resumes where a previous
 run stopped (whole batches are appended). `GeneratedScenes` reads the folder as the detector's dataset: the
 image resized to the scene's canvas as the generator tool does, then to the model's input, with the scene's
 annotation (recomputed from its seed).
@@ -48,7 +48,7 @@ def write_generated_set(
     generator: str | Path,
     out: str | Path,
     n: int,
-    steps: int = 25,
+    steps: int | None = None,
     batch_size: int = 16,
     offset: int = OFFSET,
 ) -> int:
@@ -61,6 +61,7 @@ def write_generated_set(
     if done >= n:
         return 0
     model = LayoutDiffusion.from_pretrained(generator)
+    steps, sampler = steps or model.config.sample_steps, model.config.sampler
     written = 0
     with (out / SAMPLES).open("a") as records, tqdm(total=n, initial=done, desc="generated set") as bar:
         for start in range(done, n, batch_size):
@@ -70,9 +71,8 @@ def write_generated_set(
             for i, image in zip(indices, images, strict=True):
                 name = f"images/{i:06d}.png"
                 image.save(out / name)
-                records.write(
-                    json.dumps({"image": name, "index": offset + i, "seed": i, "steps": steps}) + "\n"
-                )
+                record = {"image": name, "index": offset + i, "seed": i, "steps": steps, "sampler": sampler}
+                records.write(json.dumps(record) + "\n")
             records.flush()
             written += len(indices)
             bar.update(len(indices))
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="folder to write (resumed when it exists)")
     parser.add_argument("--n", type=int, default=900, help="samples in all")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the generator tool's default)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the generator's)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

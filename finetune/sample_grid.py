@@ -22,7 +22,7 @@ CELL = 128
 PAD = 4
 
 
-def sample_grid(generator: str | Path, n: int = 6, seeds: int = 2, steps: int = 25) -> Image.Image:
+def sample_grid(generator: str | Path, n: int = 6, seeds: int = 2, steps: int | None = None) -> Image.Image:
     """The grid image (n held-out scenes + the 12-people layout) x (drawn + `seeds` samples)."""
     from toolvlm.tools.layout_diffusion import LayoutDiffusion, default_boxes_for
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(args.generator, args.n, args.seeds, args.steps).save(args.out)

@@ -43,6 +43,8 @@ class GeneratorConfig(TrainConfig):
     prediction_type: str = "epsilon"  # or "v_prediction"
     cond_dropout: float = 0.0  # share of images trained on the null layout (classifier-free guidance)
     guidance_scale: float = 1.0  # the export's default guidance when sampling (> 1 needs cond_dropout)
+    sampler: str = "ddim"  # the export's default sampler: "ddim" (deterministic) or "ddpm" (ancestral)
+    sample_steps: int = 25  # the export's default number of denoising steps
     # > 0: small objects' pixels weigh more in the loss (layout_diffusion.object_weights)
     object_weight: float = 0.0
     continue_from: str = ""  # a trained generator's export folder to train on (same architecture)
@@ -65,6 +67,8 @@ class GeneratorStage:
             centre_sigma=config.centre_sigma,
             prediction_type=config.prediction_type,
             guidance_scale=config.guidance_scale,
+            sampler=config.sampler,
+            sample_steps=config.sample_steps,
         )
         if config.continue_from:
             self.pipe = self.continued(config.continue_from)

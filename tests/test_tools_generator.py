@@ -259,6 +259,39 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one():
         model.generate_many(layouts, seeds=[1], steps=1)
 
 
+def test_ancestral_sampling_is_seeded_per_image_and_the_config_gives_the_defaults(tmp_path):
+    from toolvlm.tools.layout_diffusion import LayoutDiffusionConfig
+
+    config = LayoutDiffusionConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+    model = LayoutDiffusion.build(config)
+    layouts = [Layout(16, 16, [[2, 2, 8, 12]], ["person"]), Layout(16, 16, [[4, 1, 14, 15]], ["tree"])]
+
+    def pixels(image):
+        return np.asarray(image, dtype=int)
+
+    batch = model.generate_many(layouts, seeds=[5, 9], steps=4, sampler="ddpm")
+    for layout, seed, image in zip(layouts, [5, 9], batch, strict=True):
+        alone = model.generate(layout, seed=seed, steps=4, sampler="ddpm")
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1  # each image draws its own noise
+    deterministic = model.generate(layouts[0], seed=5, steps=4, sampler="ddim")
+    assert np.abs(pixels(batch[0]) - pixels(deterministic)).max() > 1  # the steps add fresh noise
+    assert not np.array_equal(
+        pixels(batch[0]), pixels(model.generate(layouts[0], seed=6, steps=4, sampler="ddpm"))
+    )
+
+    model.config.sampler, model.config.sample_steps = "ddpm", 4  # layout.json's defaults
+    assert np.array_equal(pixels(model.generate(layouts[0], seed=5)), pixels(batch[0]))
+    model.save_pretrained(tmp_path / "gen")
+    tool = GeneratorTool(backend="inhouse", model=str(tmp_path / "gen"))
+    out = tool(boxes=[[2, 2, 8, 12]], phrases=["person"], width=16, height=16, seed=5)
+    assert "4 steps" in out.content and np.array_equal(pixels(out.images[0]), pixels(batch[0]))
+    assert "7 steps" in tool(prompt="a person", steps=7).content  # the call's steps win
+    with pytest.raises(ValueError, match="sampler"):
+        model.generate(layouts[0], sampler="euler")
+    with pytest.raises(ValueError, match="sampler"):
+        LayoutDiffusionConfig(sampler="euler")
+
+
 def test_new_people_stand_below_the_horizon_and_are_taller_than_wide():
     import random
 

@@ -100,7 +100,7 @@ class GeneratorTool(Tool):
         model: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        steps: int = 25,
+        steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         grounding: Tool | None = None,
@@ -140,7 +140,7 @@ class GeneratorTool(Tool):
     ) -> ToolOutput:
         """Pick the mode from the arguments and render."""
         seed = 0 if seed is None else seed
-        steps = steps or self.steps
+        steps = steps or self.steps or self.backend.default_steps()
         if prompt is not None and not prompt.strip() and image is None and not boxes:
             raise ToolInputError("the prompt is empty; describe the image to generate")
         info: dict[str, Any] = {"seed": seed, "steps": steps, "backend": self.backend_name}

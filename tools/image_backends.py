@@ -22,8 +22,9 @@ from toolvlm.tools.layout import Layout, layout_prompt
 log = logging.getLogger(__name__)
 
 GLIGEN_MAX_BOXES = 30
-# diffusers pipelines' guidance when the profile gives none (the in-house model uses its layout.json's)
+# diffusers pipelines' guidance and steps when the profile gives none (the in-house model uses its layout.json's)
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_STEPS = 25
 
 
 class ImageBackend:
@@ -65,6 +66,10 @@ class ImageBackend:
         unet = self.pipe.unet
         side = unet.config.sample_size * getattr(self.pipe, "vae_scale_factor", 8)
         return int(side), int(side)
+
+    def default_steps(self) -> int:
+        """Denoising steps when neither the call nor the profile gives any."""
+        return DEFAULT_STEPS
 
     def canonical(self, label: str) -> str:
         """The label as the backend names it (identity except for the in-house model)."""
@@ -172,6 +177,11 @@ class InhouseBackend(ImageBackend):
         """The model's square resolution."""
         side = self.pipe.config.image_size
         return side, side
+
+    def default_steps(self) -> int:
+        """The model's own default (layout.json's sample_steps)."""
+        self.load()
+        return self.pipe.config.sample_steps
 
     def canonical(self, label: str) -> str:
         """The category a phrase names."""

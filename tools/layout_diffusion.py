@@ -17,8 +17,11 @@ layout at all, unlike the empty layout's -1); sampling then predicts u + w (c - 
 null (u) predictions, w = `guidance_scale` (1: no guidance, one forward per step).
 
 Sampling: seeded Gaussian noise (a CPU `torch.Generator`, so a seed gives the same image on any device), then
-DDIM (eta 0, deterministic) over `steps` steps of the training DDPM schedule. Text is not an input: the
-generator tool maps phrases to categories (`category_of`).
+`sample_steps` steps of the training DDPM schedule with `sampler`: "ddim" (eta 0, deterministic) or "ddpm"
+(ancestral: every step adds fresh noise from the image's own generator, so a seed still gives one image). The
+stochastic steps correct a small model's errors as they go: the bundle's generator reads back right far more
+often with 100 ancestral steps than with 25 DDIM steps (README). Text is not an input: the generator tool maps
+phrases to categories (`category_of`).
 
 Checkpoint folder: `unet/` (UNet2DModel.save_pretrained), `scheduler/` (the training scheduler's config) and
 `layout.json` (`LayoutDiffusionConfig` as JSON). `from_pretrained` loads any folder of this architecture.
@@ -37,6 +40,7 @@ from PIL import Image
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.layout import Layout
 
+SAMPLERS = ("ddim", "ddpm")
 IRREGULAR_PLURALS = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse"}
 
 
@@ -53,11 +57,22 @@ class LayoutDiffusionConfig:
     centre_sigma: float = 0.25
     prediction_type: str = "epsilon"  # or "v_prediction" (Salimans & Ho): cleaner samples from a small model
     guidance_scale: float = 1.0  # sampling's default; > 1 needs a model trained with cond_dropout
+    sampler: str = "ddim"  # sampling's default: "ddim" (eta 0, deterministic) or "ddpm" (ancestral)
+    sample_steps: int = 25  # sampling's default number of denoising steps
     version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
 
     def same_model(self, other: LayoutDiffusionConfig) -> bool:
         """Whether `other` describes the same network and conditioning (sampling defaults aside)."""
-        return replace(other, guidance_scale=self.guidance_scale) == self
+        defaults = {
+            "guidance_scale": self.guidance_scale,
+            "sampler": self.sampler,
+            "sample_steps": self.sample_steps,
+        }
+        return replace(other, **defaults) == self
 
     @property
     def layout_channels(self) -> int:
@@ -222,44 +237,64 @@ class LayoutDiffusion:
         return ((predicted.float() - target.float()) ** 2 * weights.float()).mean()
 
     def generate(
-        self, layout: Layout, seed: int = 0, steps: int = 50, guidance_scale: float | None = None
+        self,
+        layout: Layout,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
     ) -> Image.Image:
         """Sample an image of the layout (square, image_size pixels); deterministic given the seed."""
-        return self.generate_many([layout], [seed], steps, guidance_scale)[0]
+        return self.generate_many([layout], [seed], steps, guidance_scale, sampler)[0]
 
     def generate_many(
         self,
         layouts: list[Layout],
         seeds: list[int],
-        steps: int = 50,
+        steps: int | None = None,
         guidance_scale: float | None = None,
+        sampler: str | None = None,
     ) -> list[Image.Image]:
         """Sample one image per (layout, seed) in one batch; image k is `generate(layouts[k], seeds[k])`.
-        `guidance_scale` defaults to the config's."""
+        `steps`, `guidance_scale` and `sampler` default to the config's."""
         import torch
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler, DDPMScheduler
 
         if len(layouts) != len(seeds):
             raise ValueError(f"{len(layouts)} layouts but {len(seeds)} seeds")
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        kind = sampler or self.config.sampler
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {kind!r}")
         size = self.config.image_size
-        sampler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=True, set_alpha_to_one=True)
-        sampler.set_timesteps(max(1, steps))
+        if kind == "ddim":
+            scheduler = DDIMScheduler.from_config(
+                self.scheduler.config, clip_sample=True, set_alpha_to_one=True
+            )
+            options: dict[str, Any] = {"eta": 0.0}
+        else:
+            scheduler = DDPMScheduler.from_config(self.scheduler.config, clip_sample=True)
+            options = {}
+        scheduler.set_timesteps(max(1, steps or self.config.sample_steps))
         param = next(self.unet.parameters())
-        noise = [torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        # one CPU generator per image draws its start and (ancestral sampling) every step's noise
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = [torch.randn((1, 3, size, size), generator=g) for g in generators]
+        if kind == "ddpm":
+            options["generator"] = generators
         x = torch.cat(noise).to(param.device, param.dtype)
         cond = torch.cat([self.conditioning(layout) for layout in layouts]).to(param.device, param.dtype)
         if w != 1:
             cond = torch.cat([cond, torch.zeros_like(cond)])
         with torch.inference_mode():
-            for t in sampler.timesteps:
+            for t in scheduler.timesteps:
                 if w == 1:
                     output = self.unet(torch.cat([x, cond], dim=1), t).sample
                 else:
                     both = self.unet(torch.cat([torch.cat([x, x]), cond], dim=1), t).sample
                     conditioned, null = both.chunk(2)
                     output = null + w * (conditioned - null)
-                x = sampler.step(output, t, x, eta=0.0).prev_sample
+                x = scheduler.step(output, t, x, **options).prev_sample
         arrays = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in arrays]
 

@@ -66,6 +66,9 @@ stage_generator() {
   # then trained for classifier-free guidance (null layouts), then with small objects weighing more in the loss
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_guidance.yaml continue_from=runs/generator/export
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml
+  # and 2000 more steps of the same on fresh scenes (the fifteenth bundle's generator)
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml run_dir=runs/generator_objects2 \
+    continue_from=runs/generator_objects/export scene_offset=4000000
 }
 stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
@@ -79,7 +82,7 @@ stage_controller() {
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_composed2 \
     captioner=runs/captioner_320 \
-    generator=runs/generator_objects controller=runs/controller_stage2_retry
+    generator=runs/generator_objects2 controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
 }
