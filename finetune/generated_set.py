@@ -8,10 +8,10 @@ here is a training-split scene's layout drawn by the generator: its boxes and ca
     python -m toolvlm.finetune.generated_set --generator bundle/generator --n 900 --out runs/generated
 
 Folder: `images/NNNNNN.png` (the generator's square output) and `samples.jsonl`, one line per image:
-{"image", "index" (the train scene), "seed" (the sampling noise), "steps", "sampler"}. Writing resumes where a previous
-run stopped (whole batches are appended). `GeneratedScenes` reads the folder as the detector's dataset: the
-image resized to the scene's canvas as the generator tool does, then to the model's input, with the scene's
-annotation (recomputed from its seed).
+{"image", "index" (the train scene), "seed" (the sampling noise), "steps", "sampler"}. Writing resumes where
+a previous run stopped (whole batches are appended). `GeneratedScenes` reads the folder as the detector's
+dataset: the image resized to the scene's canvas as the generator tool does, then to the model's input, with the
+scene's annotation (recomputed from its seed).
 """
 
 from __future__ import annotations

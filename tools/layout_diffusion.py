@@ -62,8 +62,7 @@ class LayoutDiffusionConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        check_sampler(self.sampler)
 
     def same_model(self, other: LayoutDiffusionConfig) -> bool:
         """Whether `other` describes the same network and conditioning (sampling defaults aside)."""
@@ -78,6 +77,13 @@ class LayoutDiffusionConfig:
     def layout_channels(self) -> int:
         """Number of conditioning channels (categories + the centre map)."""
         return len(self.categories) + 1
+
+
+def check_sampler(name: str) -> str:
+    """`name` when it is a known sampler; else a ValueError listing them."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {name!r}")
+    return name
 
 
 def rasterize(layout: Layout, config: LayoutDiffusionConfig) -> np.ndarray:
@@ -263,10 +269,10 @@ class LayoutDiffusion:
         if len(layouts) != len(seeds):
             raise ValueError(f"{len(layouts)} layouts but {len(seeds)} seeds")
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        kind = sampler or self.config.sampler
-        if kind not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {kind!r}")
+        kind = check_sampler(sampler or self.config.sampler)
         size = self.config.image_size
+        # one CPU generator per image draws its start and (ancestral sampling) every step's noise
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
         if kind == "ddim":
             scheduler = DDIMScheduler.from_config(
                 self.scheduler.config, clip_sample=True, set_alpha_to_one=True
@@ -274,14 +280,10 @@ class LayoutDiffusion:
             options: dict[str, Any] = {"eta": 0.0}
         else:
             scheduler = DDPMScheduler.from_config(self.scheduler.config, clip_sample=True)
-            options = {}
+            options = {"generator": generators}
         scheduler.set_timesteps(max(1, steps or self.config.sample_steps))
         param = next(self.unet.parameters())
-        # one CPU generator per image draws its start and (ancestral sampling) every step's noise
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
         noise = [torch.randn((1, 3, size, size), generator=g) for g in generators]
-        if kind == "ddpm":
-            options["generator"] = generators
         x = torch.cat(noise).to(param.device, param.dtype)
         cond = torch.cat([self.conditioning(layout) for layout in layouts]).to(param.device, param.dtype)
         if w != 1:
