@@ -267,7 +267,12 @@ class Planner:
             noun = "person's shirt" if obj.category == "person" else obj.category
             answer = f"The {noun} is {obj.color}."
             return Turn("vqa", self.template("colour", x=noun), [answer], [], {"answer": obj.color})
-        category = self.rng.choice(YES_NO_CATEGORIES)
+        # half the questions ask about a category the scene has: drawn uniformly, most are absent from a scene,
+        # and a controller trained on that answers "no" whatever it sees (balanced as in VQA v2)
+        present = [c for c in YES_NO_CATEGORIES if self.counts[c]]
+        absent = [c for c in YES_NO_CATEGORIES if not self.counts[c]]
+        pool = present if present and (not absent or self.rng.random() < 0.5) else absent
+        category = self.rng.choice(pool)
         n = self.counts[category]
         if n == 0:
             answer = f"No, there is no {category}."
@@ -468,12 +473,19 @@ def run_conversation(
     return run_turns(oracle.render(scene), turns, oracle.tools(), system, tool_images)
 
 
+def planner_rng(seed: int) -> random.Random:
+    """The random stream that plans the turns on scene `seed`, apart from the one that drew the scene."""
+    # the scene is drawn from random.Random(seed); a str seed is hashed (sha512), so no draw here repeats its draws
+    return random.Random(f"turns/{seed}")
+
+
 def world_example(index: int, config: WorldDataConfig, system: str | None = None) -> Example:
     """The conversation of scene `index` of the dataset drawn with `config.seed`."""
     seed = scene_seed(config.seed, index)
     scene = sample_scene(seed)
-    rng = random.Random(seed)
-    turns = plan_conversation(scene, rng, config.phrasing, config.task_weights, config.max_turns)
+    turns = plan_conversation(
+        scene, planner_rng(seed), config.phrasing, config.task_weights, config.max_turns
+    )
     oracle = WorldOracle(config.count_noise, seed, config.miss_rate, config.distractor_rate)
     messages, images = run_conversation(scene, turns, oracle, system, config.tool_images)
     meta = {

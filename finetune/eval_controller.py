@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from toolvlm.finetune.build_world import TASKS, Planner, Turn
+from toolvlm.finetune.build_world import TASKS, Planner, Turn, planner_rng
 from toolvlm.finetune.eval_world import f1
 from toolvlm.finetune.world import Scene, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
@@ -53,8 +53,6 @@ def plan_eval(
     n: int, seed: int = EVAL_SEED, phrasing: str = "heldout", tasks: tuple[str, ...] = TASKS
 ) -> list[tuple[Scene, Turn]]:
     """n (scene, turn) pairs cycling through `tasks`; deterministic in `seed`."""
-    import random
-
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
         raise ValueError(f"unknown tasks {sorted(unknown)}; tasks are {', '.join(TASKS)}")
@@ -63,7 +61,7 @@ def plan_eval(
     while len(out) < n:
         scene_index = scene_seed(seed, i)
         scene = sample_scene(scene_index)
-        planner = Planner(scene, random.Random(scene_index), phrasing)
+        planner = Planner(scene, planner_rng(scene_index), phrasing)
         for k in range(len(tasks)):
             turn = planner.plan(tasks[(len(out) + k) % len(tasks)])
             if turn is not None:

@@ -11,7 +11,7 @@ from PIL import Image
 from toolvlm.finetune.build_coco import build_coco_dataset
 from toolvlm.finetune.build_world import TEMPLATES, WorldDataConfig, build_world_dataset, world_example
 from toolvlm.finetune.data import read_jsonl, system_prompt
-from toolvlm.finetune.eval_controller import answer_boxes
+from toolvlm.finetune.eval_controller import answer_boxes, plan_eval
 from toolvlm.finetune.world_oracle import WorldOracle
 
 
@@ -248,3 +248,15 @@ def test_one_object_searches_that_also_find_others_are_answered_with_the_best_bo
     plain = world_example(0, WorldDataConfig(task_weights={"ground": 1, "refer": 1}, max_turns=2))
     texts = [_tool_text(m) for m in plain.messages if m["role"] == "tool"]
     assert all(len(answer_boxes(t)) == 1 for t in texts)
+
+
+def test_presence_questions_are_balanced_and_answered_from_the_scene():
+    yes = no = 0
+    for scene, turn in plan_eval(120, tasks=("vqa",)):
+        answer = turn.truth["answer"]
+        if answer not in ("yes", "no"):
+            continue  # a colour question
+        category = re.search(r"\b(?:a|any) (\w+)", turn.text).group(1)
+        assert (scene.counts().get(category, 0) > 0) == (answer == "yes")
+        yes, no = yes + (answer == "yes"), no + (answer == "no")
+    assert yes + no > 60 and 0.4 < yes / (yes + no) < 0.6
