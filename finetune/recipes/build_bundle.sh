@@ -66,12 +66,16 @@ stage_generator() {
   # then trained for classifier-free guidance (null layouts), then with small objects weighing more in the loss
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_guidance.yaml continue_from=runs/generator/export
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml
-  # and 2000 more steps of the same on fresh scenes (the fifteenth bundle's generator)
+  # and 2000 more steps of the same on fresh scenes (the fifteenth bundle's generator), then 3000 more (the sixteenth's)
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml run_dir=runs/generator_objects2 \
     continue_from=runs/generator_objects/export scene_offset=4000000
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml run_dir=runs/generator_objects3 \
+    continue_from=runs/generator_objects2/export scene_offset=5000000 steps=3000
 }
 stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
+  # (the bundle's controller was trained on conversations planned before build_world.planner_rng, from the random
+  # stream that drew each scene; the same recipes now give conversations with other turns on the same scenes)
   $TOOLVLM finetune $R/controller_stage1.yaml model.spec.vision.checkpoint=runs/detector/export/vision
   $TOOLVLM finetune $R/controller_stage2.yaml model.base=runs/controller_stage1/model
   # more stage 2 on fresh conversations, from that adapter (the bundle's fourth controller continued the third's)
@@ -82,7 +86,7 @@ stage_controller() {
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_composed2 \
     captioner=runs/captioner_320 \
-    generator=runs/generator_objects2 controller=runs/controller_stage2_retry
+    generator=runs/generator_objects3 controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
 }
