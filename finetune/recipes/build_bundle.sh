@@ -71,6 +71,9 @@ stage_generator() {
     continue_from=runs/generator_objects/export scene_offset=4000000
   $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml run_dir=runs/generator_objects3 \
     continue_from=runs/generator_objects2/export scene_offset=5000000 steps=3000
+  # and 2500 more (the seventeenth's)
+  $PY -m toolvlm.finetune.train_world generator $R/world_generator_objects.yaml run_dir=runs/generator_objects4 \
+    continue_from=runs/generator_objects3/export scene_offset=6000000 steps=2500
 }
 stage_controller() {
   # the controller sees through the detector's fine-tuned vision tower (the world encoder after detection training)
@@ -86,7 +89,7 @@ stage_controller() {
 stage_export() {
   $PY -m toolvlm.finetune.export_bundle encoder=runs/encoder_from_detector detector=runs/detector_composed2 \
     captioner=runs/captioner_320 \
-    generator=runs/generator_objects3 controller=runs/controller_stage2_retry
+    generator=runs/generator_objects4 controller=runs/controller_stage2_retry
   $TOOLVLM eval world-models --json --n 30 --n-generate 30 > bundle/metrics_world.json
   $TOOLVLM eval controller --json --n 96 > bundle/metrics_controller.json
 }
