@@ -4,7 +4,9 @@
 
 Replies stream token by token; each tool call and its result is shown, and the images tools make are written
 to the session folder with their paths printed. Commands: /image PATH, /images, /trace, /save [PATH], /reset,
-/help, /quit. Ctrl-C during a reply cancels that reply, not the session; Ctrl-D (end of input) leaves.
+/help, /quit. Ctrl-C during a reply cancels that reply, not the session; Ctrl-D (end of input) leaves. Every
+error a command or a turn can raise is reported in one line and the REPL goes on (a question refused by its
+checks keeps the images attached; a turn stopped by a full disk or a tool's bug keeps every step saved before it).
 
 `ChatREPL` takes its input and output as callables, so tests drive it with scripted lines and read the whole
 transcript; `run` wires it to the terminal.
@@ -13,16 +15,19 @@ transcript; `run` wires it to the terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .assistant import Assistant
 from .events import AnswerEvent, Event, TokenEvent, ToolCallEvent, ToolResultEvent
-from .loop import load_image_file
+from .loop import UserInputError, load_image_file
 from .profiles import ProfileError
-from .session import new_session_dir
+from .session import SessionError, SessionStore, SessionWriteError, new_session_dir
 from .trajectory import AssistantStep, EndStep, ToolStep, UserStep
 
 HELP = {
@@ -34,6 +39,8 @@ HELP = {
     "help": "/help            this list",
     "quit": "/quit            leave (Ctrl-D too)",
 }
+
+logger = logging.getLogger(__name__)
 
 
 class ChatREPL:
@@ -100,20 +107,48 @@ class ChatREPL:
                 command = self.commands.get(name)
                 if command is None:
                     self.say(f"unknown command /{name}; commands are: " + ", ".join(f"/{c}" for c in HELP))
-                elif not command(arg.strip()):
+                elif not self.run_command(name, command, arg.strip()):
                     return 0
             elif line:
-                attached = [image for _, image in self.pending]
-                self.pending = []
-                self.show(self.assistant.stream(line, attached))
+                self.ask(line)
 
-    def show(self, events: Iterator[Event]) -> None:
-        """Render a turn's events; Ctrl-C cancels the turn and returns to the prompt."""
+    def run_command(self, name: str, command: Callable[[str], bool], arg: str) -> bool:
+        """Run one /command; any error it raises is reported and the REPL goes on."""
+        try:
+            return command(arg)
+        except KeyboardInterrupt:
+            self.say(f"/{name} cancelled")
+        except Exception as err:  # noqa: BLE001 - a REPL reports every failure of a command and goes on
+            logger.debug("/%s failed", name, exc_info=True)
+            self.say(f"/{name} failed: {describe_error(err)}")
+        return True
+
+    def ask(self, line: str) -> None:
+        """Send one message with the attached images; a message its checks refuse keeps the images attached."""
+        pending, self.pending = self.pending, []
+        refused = self.show(self.assistant.stream(line, [image for _, image in pending]))
+        if refused:
+            self.pending = pending + self.pending
+
+    def show(self, events: Iterator[Event]) -> bool:
+        """Render a turn's events; Ctrl-C cancels the turn, and an error stops it, reported in one line.
+        Returns True when the turn was refused before it started (UserInputError)."""
         try:
             for event in events:
                 self.render(event)
         except KeyboardInterrupt:
             self.say("[cancelled]")
+        except UserInputError as err:
+            self.say(f"not sent: {err}")
+            return True
+        except SessionWriteError as err:
+            self.say(f"[stopped: {err}]")
+        except Exception as err:  # noqa: BLE001 - a bug in a tool or the controller: report, keep the session
+            logger.debug("the turn failed", exc_info=True)
+            folder = self.assistant.session_dir
+            kept = f"; every step before it is saved in {folder}" if folder else ""
+            self.say(f"[stopped by an error: {describe_error(err)}{kept}]")
+        return False
 
     def render(self, event: Event) -> None:
         """Write one event."""
@@ -146,7 +181,7 @@ class ChatREPL:
             return True
         try:
             image = load_image_file(arg)
-        except (FileNotFoundError, ValueError) as err:
+        except UserInputError as err:
             self.say(f"cannot attach: {err}")
             return True
         self.pending.append((arg, image))
@@ -181,8 +216,22 @@ class ChatREPL:
         """Write the conversation as one JSON file."""
         folder = self.assistant.session_dir or Path(".")
         path = Path(arg).expanduser() if arg else folder / "trajectory.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.assistant.trajectory.to_dict(), indent=1, ensure_ascii=False))
+        if path.is_dir():
+            self.say(
+                f"cannot save: {path} is a folder; give a file path, e.g. /save {path / 'trajectory.json'}"
+            )
+            return True
+        text = json.dumps(self.assistant.trajectory.to_dict(), indent=1, ensure_ascii=False)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.say(f"cannot save to {path}: {err.strerror or err}")
+            return True
         self.say(f"saved {len(self.assistant.trajectory)} steps to {path}")
         return True
 
@@ -198,6 +247,14 @@ class ChatREPL:
         for line in HELP.values():
             self.say(line)
         return True
+
+
+def describe_error(err: BaseException) -> str:
+    """One line about an error: its sentence, with the type when the sentence alone would be unclear."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, ValueError | OSError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def describe_step(step: object) -> str:
@@ -234,6 +291,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
+def open_session(folder: Path) -> tuple[SessionStore, list[str]]:
+    """The session folder opened for writing (locked) and read once, so that its problems show before a model
+    loads; with the handles of the images it holds."""
+    store = SessionStore(folder)
+    return store, store.load()[1].handles
+
+
 def agent_options(args: argparse.Namespace) -> dict:
     """Agent options given on the command line."""
     options: dict = {}
@@ -247,9 +311,10 @@ def agent_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace, command: str) -> int:
     """Run `toolvlm chat`."""
     session = Path(args.session) if args.session else new_session_dir()
-    try:
-        assistant = Assistant.from_profile(args.profile, session=session, **agent_options(args))
-    except ProfileError as err:
+    try:  # the folder first (cheap): a locked, unwritable or unreadable one is refused before any model loads
+        store, _ = open_session(session)
+        assistant = Assistant.from_profile(args.profile, session=store, **agent_options(args))
+    except (ProfileError, SessionError, SessionWriteError) as err:
         print(f"toolvlm chat: {err}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,11 @@ exists. Two kinds of error, kept apart:
 - Bugs and infrastructure failures (a tool raising, the controller failing) raise; the steps before them are
   already saved, and `Agent.resume()` runs what the last reply asked for but never got.
 
+What the user got wrong (an empty or over-long question, a handle that names no image, an image file that
+cannot be read) raises `UserInputError` before anything is recorded or generated. "The image" means the latest
+image the user attached: unless the user's text names a handle, a call naming an older user image is run on the
+latest one (`resolve_image`).
+
 Ctrl-C (KeyboardInterrupt) during a turn records what was generated as a cancelled reply, or ends the turn,
 and re-raises, so a REPL cancels the generation and keeps the session.
 """
@@ -17,6 +22,7 @@ and re-raises, so a REPL cancels the generation and keeps the session.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +42,11 @@ from .trajectory import AssistantStep, EndStep, Step, ToolStep, Trajectory, User
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMAT = "image"
+MENTIONED_HANDLE = re.compile(r"\bimg_[0-9]+\b")
+
+
+class UserInputError(ValueError):
+    """Input the user got wrong (question, image file, handle); the text says what and how to fix it."""
 
 
 @dataclass
@@ -54,6 +65,7 @@ class AgentConfig:
     prompts: str = "agent"  # a prompt file of toolvlm.prompts, or a YAML path
     tool_images: bool = True  # show the controller the images tools make (False: only their handles)
     no_repeat_ngram: int = 0  # n >= 2: no n-gram of tokens twice in a reply (local controllers; 0: off)
+    max_question_chars: int = 8000  # longer user messages are refused before the controller runs
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> AgentConfig:
@@ -71,15 +83,46 @@ class AgentConfig:
 
 
 def load_image_file(path: str | Path) -> Image.Image:
-    """An RGB image from a file, with a clear error when it is missing or not an image."""
+    """An RGB image from a file the user gave; UserInputError (a ValueError) names the file and the problem."""
+    from toolvlm.tools.base import ToolInputError
+    from toolvlm.tools.imaging import load_image
+
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserInputError(f"{path} is a folder, not an image file")
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise UserInputError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{path} is not an image PIL can read: {err}") from None
+        if path.stat().st_size == 0:
+            raise UserInputError(f"{path} is empty (0 bytes), not an image")
+        return load_image(path)
+    except ToolInputError as err:
+        raise UserInputError(f"{path}: {err}") from None
+    except OSError as err:  # unreadable (permissions, a device)
+        raise UserInputError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def check_question(text: str, config: AgentConfig) -> None:
+    """Refuse an empty or over-long user message (UserInputError) before any model runs."""
+    if not isinstance(text, str):
+        raise UserInputError(f"the question must be text, got {type(text).__name__}")
+    if not text.strip():
+        raise UserInputError("the question is empty; ask something about the image(s)")
+    if len(text) > config.max_question_chars:
+        raise UserInputError(
+            f"the question is {len(text):,} characters long; the limit is {config.max_question_chars:,} "
+            "(agent option max_question_chars)"
+        )
+
+
+def check_mentions(text: str, handles: Sequence[str]) -> None:
+    """Refuse a user message naming an image handle that is not among `handles` (UserInputError)."""
+    missing = [h for h in dict.fromkeys(MENTIONED_HANDLE.findall(text)) if h not in handles]
+    if missing:
+        known = ", ".join(handles) or "none yet (attach one)"
+        raise UserInputError(
+            f"there is no image {', '.join(missing)} in this conversation; images are: {known}"
+        )
 
 
 class Agent:
@@ -143,18 +186,17 @@ class Agent:
     # -- recording ----------------------------------------------------------------------------------------
 
     def _record(self, step: Step) -> None:
-        self.trajectory.append(step)
-        if self.session is not None:
+        if self.session is not None:  # on disk first: a failed write (SessionWriteError) records nothing
             self.session.append(step)
+        self.trajectory.append(step)
 
     def add_image(self, image: Image.Image | str | Path, source: str = "user") -> str:
-        """Remember an image (saved to the session folder) and return its handle."""
+        """Remember an image (saved to the session folder first) and return its handle."""
         if not isinstance(image, Image.Image):
             image = load_image_file(image)
-        handle = self.memory.add(image, source)
-        if self.session is not None:
-            self.session.save_image(handle, image, source)
-        return handle
+        if self.session is not None:  # on disk first: a failed write leaves memory and folder alike
+            self.session.save_image(f"img_{len(self.memory)}", image, source)
+        return self.memory.add(image, source)
 
     def image_path(self, handle: str) -> Path | None:
         """Where the image of `handle` is saved, if there is a session folder."""
@@ -173,11 +215,36 @@ class Agent:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def run(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> Iterator[Event]:
-        """Add a user turn (text and images) and yield events until it is answered or ends."""
-        loaded = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        """Add a user turn (text and images) and yield events until it is answered or ends; UserInputError
+        before anything is recorded when the question or an image is wrong."""
+        loaded = self.check_turn(text, images)
         handles = [self.add_image(im, "user") for im in loaded]
         self._record(UserStep(text=text, images=handles))
         yield from self._guarded()
+
+    def check_turn(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> list[Image.Image]:
+        """Check a user turn before it runs (question, image files, handles named): its images, loaded, or
+        UserInputError."""
+        check_question(text, self.config)
+        loaded = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        arriving = [f"img_{len(self.memory) + i}" for i in range(len(loaded))]
+        check_mentions(text, [*self.memory.handles, *arriving])
+        return loaded
+
+    def resolve_image(self, handle: str) -> str:
+        """The handle a call's image argument is run on: "the image" is the latest image the user attached,
+        so a call naming an older user image is moved to it unless the user's text named a handle."""
+        turn = self.trajectory.current_turn()
+        if not turn or not isinstance(turn[0], UserStep) or MENTIONED_HANDLE.search(turn[0].text):
+            return handle
+        user_images = [s.images for s in self.trajectory if isinstance(s, UserStep) and s.images]
+        if not user_images or handle in user_images[-1]:
+            return handle
+        if any(handle in images for images in user_images[:-1]):
+            latest = user_images[-1][-1]
+            logger.info("the image: %s read as %s, the latest image the user attached", handle, latest)
+            return latest
+        return handle
 
     def resume(self) -> Iterator[Event]:
         """Finish an interrupted turn: run the calls left without results, then go on generating."""
@@ -296,7 +363,7 @@ class Agent:
         handles = [self.add_image(im, item.name) for im in made]
         step = ToolStep(
             name=item.name,
-            arguments=item.arguments,
+            arguments=self.run_arguments(item),
             content=output.content,
             artifact=jsonable(getattr(output, "artifact", None) or {}),
             images=handles,
@@ -305,6 +372,14 @@ class Agent:
         self._record(step)
         paths = [p for p in (self.image_path(h) for h in handles) if p is not None]
         yield ToolResultEvent(step, made, paths)
+
+    def run_arguments(self, call: ToolCall) -> dict[str, Any]:
+        """The call's arguments as run: its image handle resolved by `resolve_image` (for the record)."""
+        props = self.tools[call.name].inputs.get("properties", {})
+        keys = [k for k, p in props.items() if k in call.arguments and p.get("format") == IMAGE_FORMAT]
+        if len(keys) != 1:
+            return call.arguments
+        return {**call.arguments, keys[0]: self.resolve_image(call.arguments[keys[0]])}
 
     def check_call(self, call: ToolCall) -> tuple[dict[str, Any] | None, str]:
         """Check a call against its tool's schema and resolve image handles: (arguments, "") or (None, why)."""
@@ -324,15 +399,21 @@ class Agent:
             where = f"argument {'.'.join(map(str, err.path))!r}" if err.path else "arguments"
             return None, f"{call.name}: {where}: {err.message}; arguments are: {expected}"
         resolved = dict(call.arguments)
-        for key, prop in props.items():
-            if key in resolved and isinstance(prop, dict) and prop.get("format") == IMAGE_FORMAT:
-                handle = resolved[key]
-                if handle not in self.memory:
-                    return None, (
-                        f"{call.name}: argument {key!r}: unknown image {handle!r}; pass an image handle; "
-                        f"{self.memory.describe_handles()}"
-                    )
-                resolved[key] = self.memory.get(handle)
+        image_keys = [
+            k
+            for k, p in props.items()
+            if k in resolved and isinstance(p, dict) and p.get("format") == IMAGE_FORMAT
+        ]
+        for key in image_keys:
+            handle = resolved[key]
+            if handle not in self.memory:
+                return None, (
+                    f"{call.name}: argument {key!r}: unknown image {handle!r}; pass an image handle; "
+                    f"{self.memory.describe_handles()}"
+                )
+            if len(image_keys) == 1:  # "the image" (a call over several images keeps the ones it names)
+                handle = self.resolve_image(handle)
+            resolved[key] = self.memory.get(handle)
         return resolved, ""
 
 

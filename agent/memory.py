@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-HANDLE_RE = re.compile(r"^img_(\d+)$")
+# exactly "img_" and a number written without leading zeros: "img_00", "img_0\n" and " img_0" name no image
+HANDLE_RE = re.compile(r"img_(0|[1-9][0-9]*)")
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ImageMemory:
         return self._records[index]
 
     def _index(self, handle: str) -> int | None:
-        match = HANDLE_RE.match(handle)
+        match = HANDLE_RE.fullmatch(handle)
         if match is None:
             return None
         index = int(match.group(1))

@@ -60,6 +60,8 @@ The tree is boxed in img_1.
 img_0  64x48  from user {S}/images/img_0.png
 img_1  64x48  from grounding {S}/images/img_1.png
 > count the people in img_9
+not sent: there is no image img_9 in this conversation; images are: img_0, img_1
+> count the people in it
   -> counter(image="img_9", phrase="person")
   !! counter: argument 'image': unknown image 'img_9'; pass an image handle; images are: img_0 (from user), img_1 (from grounding)
 Which image?
@@ -71,7 +73,7 @@ Which image?
 [1] assistant: Looking. <tool_call>{{"name": "grounding", "arguments": {{"image": "img_0", "phrase": "tree"}}}}</tool_call>
 [2] tool grounding {{"image": "img_0", "phrase": "tree"}} -> ok: found tree at [2, 2, 32, 24] [img_1]
 [3] assistant: The tree is boxed in img_1.
-[4] user: count the people in img_9
+[4] user: count the people in it
 [5] assistant: <tool_call>{{"name": "counter", "arguments": {{"image": "img_9", "phrase": "person"}}}}</tool_call>
 [6] tool counter {{"image": "img_9", "phrase": "person"}} -> error: counter: argument 'image': unknown image 'img_9'; pass an image handle; images are: img_0 (from user), img_1 (from grounding)
 [7] assistant: Which image?
@@ -110,7 +112,8 @@ def test_chat_repl_transcript(tmp_path):
         ]
     )
     bot = Assistant(controller, [FakeCounter(), FakeGrounding()], session=session)
-    lines = [f"/image {picture}", "/images", "box the tree", "/images", "count the people in img_9", "^C"]
+    lines = [f"/image {picture}", "/images", "box the tree", "/images", "count the people in img_9"]
+    lines += ["count the people in it", "^C"]
     lines += ["/trace", "/bogus", "/save", "/help", "/reset", "hi"]
     transcript, code = drive(lambda read, write: ChatREPL(bot, read, write), lines)
     assert code == 0
@@ -184,7 +187,7 @@ def test_ask_json_follows_the_contract(tmp_path, capsys, fake_tools_registered):
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1
     data = json.loads(printed[0])
-    assert set(data) == {"answer", "steps", "images"}
+    assert set(data) == {"answer", "steps", "images", "finish"} and data["finish"] == "answer"
     assert data["answer"] == "One tree (boxed in img_1) and about 8 people."
     assert [s["tool"] for s in data["steps"]] == ["fake_grounding", "fake_counter"]
     for step in data["steps"]:

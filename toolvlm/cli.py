@@ -3,6 +3,11 @@
 Each subcommand lives in the package that owns it and exposes `add_arguments(parser)` and `run(args) -> int`.
 This module only knows the command-line contract (names, help lines, where each command is implemented);
 it imports the implementing module lazily, so `toolvlm --help` is instant.
+
+It is also the one place where errors become exit statuses, so no command ends in a traceback: a usage error
+(bad arguments, a missing or unreadable file, a bad profile or session folder, input a check refused) prints
+one line naming the problem and exits 2; Ctrl-C exits 130; any other error prints one line and exits 1 (`-vv`
+shows its traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -53,12 +59,52 @@ def build_parser(load_commands: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the user's input was wrong (exit 2), imported when an error needs them."""
+    from toolvlm.agent.loop import UserInputError
+    from toolvlm.agent.profiles import ProfileError
+    from toolvlm.agent.session import SessionError, SessionWriteError
+    from toolvlm.tools.base import MissingWeightsError, ToolInputError
+
+    return (
+        UserInputError,
+        ProfileError,
+        SessionError,
+        SessionWriteError,
+        ToolInputError,
+        MissingWeightsError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
+
+
+HUB_ID = re.compile(r"model folder not found: ([\w.-]+/[\w.-]+)$")
+
+
+def error_line(err: BaseException) -> str:
+    """One line about an error for the user."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    hub = HUB_ID.search(text)
+    if hub:  # a hub id where the profile needs a folder (nothing is downloaded at run time)
+        text += (
+            f" ({hub.group(1)!r} looks like a Hugging Face hub id, which cannot be reached offline: download it "
+            f"once, e.g. `huggingface-cli download {hub.group(1)} --local-dir ~/models/NAME`, and set the "
+            "profile's model: to that folder)"
+        )
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `toolvlm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([command] if command in COMMANDS else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # argparse printed the usage error (2) or the help (0)
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -77,6 +123,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`)
         sys.stdout = None  # nothing more can be written; silence the interpreter's flush at exit
         return 0
+    except KeyboardInterrupt:
+        print(f"toolvlm {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.verbose >= 2:
+            raise
+        if isinstance(err, usage_errors()):
+            print(f"toolvlm {args.command}: {error_line(err)}", file=sys.stderr)
+            return 2
+        print(
+            f"toolvlm {args.command}: error: {type(err).__name__}: {error_line(err)} (-vv shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
