@@ -80,7 +80,7 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-HUB_ID = re.compile(r"model folder not found: ([\w.-]+/[\w.-]+)$")
+HUB_ID = re.compile(r"model folder not found: ([A-Za-z0-9][\w.-]*/[\w.-]+)$")  # org/name, not ./x
 
 
 def error_line(err: BaseException) -> str:
