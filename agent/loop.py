@@ -35,7 +35,6 @@ from .events import AnswerEvent, Event, TokenEvent, ToolCallEvent, ToolResultEve
 from .memory import ImageMemory
 from .prompting import openai_tools, system_prompt
 from .protocol import STOP_STRINGS, CallTextFilter, ToolCall, parse_reply
-from .repetition import NoRepeatReplyNGram
 from .session import SessionStore, jsonable
 from .trajectory import AssistantStep, EndStep, Step, ToolStep, Trajectory, UserStep
 
@@ -323,6 +322,8 @@ class Agent:
             processor = self._grammar.logits_processor(self.schemas(), self.memory.handles, mode=mode)
             options["logits_processor"] = [processor]
         if self.config.no_repeat_ngram:  # after the grammar, which it never overrules
+            from .repetition import NoRepeatReplyNGram  # imports torch: only when used, so checks stay fast
+
             processors = options.setdefault("logits_processor", [])
             processors.append(NoRepeatReplyNGram(self.config.no_repeat_ngram))
         visible = CallTextFilter()
