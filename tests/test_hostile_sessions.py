@@ -358,7 +358,10 @@ sys.exit(main({argv!r}))
 """
 
 
-def run_slow_ask(tmp_path: Path, picture: Path, sig: int) -> tuple[subprocess.CompletedProcess, Path]:
+def run_slow_ask(
+    tmp_path: Path, picture: Path, sig: int, command: str = "ask", lines: str = ""
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `toolvlm ask` (or `chat`, fed `lines`) in a real process and send it `sig` inside a slow tool."""
     folder, ready = tmp_path / "out", tmp_path / "ready"
     replies = [
         call("fake_grounding", image="img_0", phrase="tree") + call("fake_slow", image="img_1", phrase="x")
@@ -373,13 +376,19 @@ def run_slow_ask(tmp_path: Path, picture: Path, sig: int) -> tuple[subprocess.Co
         )
     )
     argv = ["ask", str(picture), "box it", "--json", "--out", str(folder), "--profile", str(prof)]
+    if command == "chat":
+        argv = ["chat", "--image", str(picture), "--session", str(folder), "--profile", str(prof)]
     script = SLOW_ASK.format(tests=str(TESTS), ready=str(ready), argv=argv)
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    proc.stdin.write(lines)  # the REPL reads them one by one; the pipe keeps them after it is closed
+    proc.stdin.close()
+    proc.stdin = None
     for _ in range(600):
         if ready.exists() or proc.poll() is not None:
             break
@@ -388,6 +397,14 @@ def run_slow_ask(tmp_path: Path, picture: Path, sig: int) -> tuple[subprocess.Co
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), folder
+
+
+def test_hostile_ctrl_c_mid_turn_in_chat_cancels_only_the_turn(tmp_path, picture):
+    done, folder = run_slow_ask(tmp_path, picture, signal.SIGINT, "chat", "box it\n/trace\n")
+    assert done.returncode == 0, done.stderr
+    no_traceback(done.stderr + done.stdout)
+    assert "[cancelled]" in done.stdout and "end (cancelled): cancelled by the user" in done.stdout
+    assert [s["kind"] for s in lines_of(folder)] == ["user", "assistant", "tool", "end"]
 
 
 def test_hostile_ctrl_c_mid_turn_cancels_cleanly(tmp_path, picture):
