@@ -21,6 +21,7 @@ and re-raises, so a REPL cancels the generation and keeps the session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -189,6 +190,17 @@ class Agent:
             self.session.append(step)
         self.trajectory.append(step)
 
+    @contextlib.contextmanager
+    def _images_kept_only_if_recorded(self) -> Iterator[None]:
+        """Images added inside are forgotten again when the step naming them is not recorded (a full disk), so
+        handles in memory keep matching the saved steps (their files are overwritten by the next images)."""
+        length = len(self.memory)
+        try:
+            yield
+        except BaseException:
+            self.memory.truncate(length)
+            raise
+
     def add_image(self, image: Image.Image | str | Path, source: str = "user") -> str:
         """Remember an image (saved to the session folder first) and return its handle."""
         if not isinstance(image, Image.Image):
@@ -217,8 +229,9 @@ class Agent:
         """Add a user turn (text and images) and yield events until it is answered or ends; UserInputError
         before anything is recorded when the question or an image is wrong."""
         loaded = self.check_turn(text, images)
-        handles = [self.add_image(im, "user") for im in loaded]
-        self._record(UserStep(text=text, images=handles))
+        with self._images_kept_only_if_recorded():
+            handles = [self.add_image(im, "user") for im in loaded]
+            self._record(UserStep(text=text, images=handles))
         yield from self._guarded()
 
     def check_turn(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> list[Image.Image]:
@@ -361,16 +374,17 @@ class Agent:
         if not hasattr(output, "content"):
             raise TypeError(f"tool {item.name!r} returned {type(output).__name__}, not a ToolOutput")
         made = list(getattr(output, "images", None) or [])
-        handles = [self.add_image(im, item.name) for im in made]
-        step = ToolStep(
-            name=item.name,
-            arguments=self.run_arguments(item),
-            content=output.content,
-            artifact=jsonable(getattr(output, "artifact", None) or {}),
-            images=handles,
-            error=bool(getattr(output, "error", False)),
-        )
-        self._record(step)
+        with self._images_kept_only_if_recorded():
+            handles = [self.add_image(im, item.name) for im in made]
+            step = ToolStep(
+                name=item.name,
+                arguments=self.run_arguments(item),
+                content=output.content,
+                artifact=jsonable(getattr(output, "artifact", None) or {}),
+                images=handles,
+                error=bool(getattr(output, "error", False)),
+            )
+            self._record(step)
         paths = [p for p in (self.image_path(h) for h in handles) if p is not None]
         yield ToolResultEvent(step, made, paths)
 

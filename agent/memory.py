@@ -86,6 +86,10 @@ class ImageMemory:
             return "there are no images in this conversation yet"
         return "images are: " + ", ".join(f"{r.handle} (from {r.source})" for r in self._records)
 
+    def truncate(self, length: int) -> None:
+        """Forget the images after the first `length` (the step that would have named them was not saved)."""
+        del self._records[length:]
+
     def clear(self) -> None:
         """Forget every image (a new conversation)."""
         self._records.clear()

@@ -181,6 +181,23 @@ def test_hostile_full_disk_ends_the_turn_and_never_tears(tmp_path, agent_tools, 
     assert lines_of(folder)[2]["content"].startswith("found tree")
 
 
+def test_hostile_full_disk_keeps_handles_in_step_with_the_saved_steps(
+    tmp_path, agent_tools, agent_image, monkeypatch
+):
+    folder = tmp_path / "s"
+    controller = ScriptedController([call("grounding", image="img_0", phrase="tree"), "Hi."])
+    bot = Assistant(controller, agent_tools, session=folder)
+    full_disk_after(monkeypatch, 2)  # the tool's image is written, the step naming it is not
+    with pytest.raises(SessionWriteError):
+        bot.chat("box the tree", images=[agent_image])
+    assert bot.handles == ["img_0"]  # the unsaved step's image is forgotten
+    monkeypatch.undo()
+    bot.chat("and this one?", images=[make_image(20, 10)])
+    trajectory, memory = load_session(folder)  # no "images out of order"
+    assert memory.handles == ["img_0", "img_1"] and memory.get("img_1").size == (20, 10)
+    assert [s.kind for s in trajectory] == ["user", "assistant", "user", "assistant"]
+
+
 def test_hostile_full_disk_on_an_image_leaves_no_half_file(tmp_path, agent_tools, agent_image, monkeypatch):
     folder = tmp_path / "s"
     bot = Assistant(ScriptedController(["hi"]), agent_tools, session=folder)
