@@ -190,7 +190,7 @@ def example_from_session(
     folder = Path(folder)
     if not (folder / "trajectory.jsonl").is_file():
         raise FileNotFoundError(f"not a saved agent session (no trajectory.jsonl): {folder}")
-    store = SessionStore(folder)
+    store = SessionStore(folder, create=False)  # read only: no writer lock, a live session can be read
     trajectory, _memory = store.load()
     messages: list[dict[str, Any]] = [{"role": "system", "content": system or system_prompt()}]
     for step in trajectory:
