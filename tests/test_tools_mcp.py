@@ -207,3 +207,32 @@ def test_profile_spec_resolves_models_beside_it_and_cli_reports_bad_profiles(tmp
     (tmp_path / "empty.yaml").write_text("tools: {}\n")
     assert main(["mcp", "--profile", str(tmp_path / "empty.yaml")]) == 2
     assert "lists no tools" in capsys.readouterr().err
+
+
+def test_streamable_http_transport_on_loopback(agent_tools, tmp_path):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_server(ToolHost(agent_tools, tmp_path)).streamable_http_app(host="127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    image = "data:image/png;base64," + png_b64(Image.new("RGB", (24, 24), (0, 0, 200)))
+    try:
+        listed, result = call(f"http://127.0.0.1:{port}/mcp", "grounding", {"image": image, "phrase": "sky"})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert {t.name for t in listed.tools} == set(agent_tools)
+    (made,) = image_blocks(result)
+    assert made.size == (24, 24) and made.getpixel((2, 5)) == (255, 0, 0)
+    assert result.structured_content["artifact"] == {"boxes": [[2, 2, 12, 12]]}
