@@ -88,9 +88,11 @@ def test_stdio_server_runs_bundle_grounding_and_counter_on_a_world_scene(tmp_pat
     scene = world_scene()
     scene.save(tmp_path / "scene.png")
     out = tmp_path / "made"
+    profile = tmp_path / "tools.yaml"
+    profile.write_text("tools:\n  grounding: {backend: inhouse}\n  counter: {}\n")
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "toolvlm", "mcp", "--out", str(out)],
+        args=["-m", "toolvlm", "mcp", "--profile", str(profile), "--out", str(out)],
         cwd=str(ROOT),
         env={"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOOLVLM_BUNDLE": str(bundle.bundle_dir())},
     )
@@ -107,7 +109,7 @@ def test_stdio_server_runs_bundle_grounding_and_counter_on_a_world_scene(tmp_pat
 
     listed, boxed, counted = anyio.run(session)
 
-    assert [t.name for t in listed] == registry.names()
+    assert [t.name for t in listed] == ["grounding", "counter"]
     grounding = next(t for t in listed if t.name == "grounding")
     assert grounding.input_schema == registry.schema("grounding")["parameters"]
     assert grounding.description == registry.schema("grounding")["description"]
@@ -177,7 +179,9 @@ def test_errors_come_back_as_error_results_saying_what_to_change(agent_tools, tm
     _, bad = call(server, "counter", {"image": junk, "phrase": "x"})
     assert bad.is_error and "not an image file" in text_of(bad)
     _, missing = call(server, "counter", {"image": str(tmp_path / "none.png"), "phrase": "x"})
-    assert missing.is_error and "no image file" in text_of(missing)
+    assert missing.is_error and f"no image file {str(tmp_path / 'none.png')!r} on the server" in text_of(
+        missing
+    )
     image = "data:image/png;base64," + png_b64(Image.new("RGB", (16, 16)))
     _, empty = call(server, "counter", {"image": image, "phrase": " "})
     assert empty.is_error and "phrase is empty" in text_of(empty)

@@ -140,15 +140,21 @@ class ToolHost:
             return ToolOutput(f"unknown tool {name!r}; tools are: {', '.join(self.tools)}", error=True), []
         tool = self.tools[name]
         arguments = dict(arguments or {})
+        hint = "pass a file path, a data URL (data:image/png;base64,...) or base64 of an image file"
         for key in image_parameters(tool.inputs):
-            if isinstance(arguments.get(key), str):
-                try:
-                    arguments[key] = decode_image(arguments[key])
-                except ImageArgumentError as err:
-                    hint = (
-                        "pass a file path, a data URL (data:image/png;base64,...) or base64 of an image file"
-                    )
-                    return ToolOutput(f"{name}: argument {key!r}: {err}; {hint}", error=True), []
+            value = arguments.get(key)
+            if not isinstance(value, str):
+                continue
+            try:
+                arguments[key] = decode_image(value)
+            except ImageArgumentError as err:
+                return ToolOutput(f"{name}: argument {key!r}: {err}; {hint}", error=True), []
+            if isinstance(arguments[key], str):  # a path
+                path = Path(value).expanduser()
+                if not path.is_file():
+                    message = f"{name}: argument {key!r}: no image file {value!r} on the server; {hint}"
+                    return ToolOutput(message, error=True), []
+                arguments[key] = str(path)
         with self._lock:
             try:
                 output = tool(**arguments)
