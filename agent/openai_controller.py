@@ -121,7 +121,7 @@ def to_openai_messages(
     out: list[dict[str, Any]] = []
     user: list[dict[str, Any]] | None = None  # parts of the user message being built
     call_ids: list[str] = []  # ids of the last assistant message's native calls not yet answered
-    made = 0
+    issued = 0  # native calls so far, for their ids
 
     def close_user() -> None:
         nonlocal user
@@ -159,9 +159,10 @@ def to_openai_messages(
         if role == "assistant" and native_tools and CALL_OPEN in text:
             reply = parse_reply(text)
             calls = []
+            call_ids = []
             for call in reply.calls:
-                made += 1
-                call_ids.append(f"call_{made}")
+                issued += 1
+                call_ids.append(f"call_{issued}")
                 arguments = json.dumps(call.arguments, ensure_ascii=False)
                 calls.append(
                     {
