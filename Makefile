@@ -32,7 +32,7 @@ test-slow: install
 # has no CPU wheel on PyPI: pip compiles it (about 10-30 min on 2 cores, once). `make test` skips these tests
 # while it is not installed.
 test-llamacpp: install
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet "llama-cpp-python[server]>=0.3"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet -e ".[llamacpp]"
 	$(BIN)/python -m pytest -q tests/test_agent_openai.py -k llamacpp
 
 lint:
