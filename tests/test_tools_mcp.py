@@ -20,6 +20,7 @@ from PIL import Image
 from toolvlm import bundle
 from toolvlm.cli import main
 from toolvlm.tools import registry
+from toolvlm.tools.base import MissingWeightsError, Tool, ToolOutput
 from toolvlm.tools.mcp_server import ToolHost, build_server, decode_image, load_tools_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,25 @@ def test_errors_come_back_as_error_results_saying_what_to_change(agent_tools, tm
     _, empty = call(server, "counter", {"image": image, "phrase": " "})
     assert empty.is_error and "phrase is empty" in text_of(empty)
     assert not list(tmp_path.iterdir())  # no image was made
+
+
+class Unweighted(Tool):
+    """A tool whose weights are missing: its setup raises."""
+
+    name = "unweighted"
+    description = "Needs weights that are not there."
+    inputs = {"type": "object", "properties": {}}
+
+    def setup(self) -> None:
+        raise MissingWeightsError("unweighted: no weights in /nowhere; give 'model:' in the profile")
+
+    def forward(self) -> ToolOutput:
+        return ToolOutput("never")
+
+
+def test_missing_weights_come_back_as_an_error_result(tmp_path):
+    _, result = call(build_server(ToolHost({"unweighted": Unweighted()}, tmp_path)), "unweighted", {})
+    assert result.is_error and "no weights in /nowhere" in text_of(result)
 
 
 def test_decode_image_leaves_paths_alone(tmp_path):

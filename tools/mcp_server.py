@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import re
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -122,7 +123,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class ToolHost:
-    """The tools behind the server: builds them, decodes image arguments, runs calls one at a time."""
+    """The tools behind the server: decodes image arguments, runs calls one at a time, writes made images."""
 
     def __init__(self, tools: dict[str, Tool], out_dir: str | Path | None = None) -> None:
         self.tools = dict(tools)
@@ -247,8 +248,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Build the tools and serve them until the client or a signal ends it; returns the exit status."""
-    import sys
-
     import anyio
 
     try:
