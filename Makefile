@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow test-llamacpp lint format bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The remote controller against a real llama.cpp server (SmolLM2 GGUF, text only, on loopback). llama-cpp-python
+# has no CPU wheel on PyPI: pip compiles it (about 10-30 min on 2 cores, once). `make test` skips these tests
+# while it is not installed.
+test-llamacpp: install
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet -e ".[llamacpp]"
+	$(BIN)/python -m pytest -q tests/test_agent_openai.py -k llamacpp
 
 lint:
 	$(BIN)/ruff check --fix .

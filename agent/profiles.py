@@ -5,7 +5,8 @@
       backend: local
       model: /path/to/checkpoint   # a folder, a hub id where there is network, or a toolvlm VLMSpec mapping
       device: cpu
-      dtype: auto
+      dtype: auto          # "openai" takes base_url, model, api_key or api_key_env, timeout, extra_body,
+                           # send_images (false: a text-only server), native_tools (its `tools`/`tool_calls`)
     tools:                 # tool name -> backend options, as toolvlm.tools.registry.build_tools takes them
       grounding: {backend: owlv2, model: /path/to/owlv2, device: cpu, dtype: float32}
     agent:                 # optional: AgentConfig options (max_steps, constrained, ...)

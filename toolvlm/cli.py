@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("toolvlm.agent.cli_ask", "ask one question about one or more images"),
     "tools": ("toolvlm.tools.cli", "list the tools with their descriptions and input schemas"),
     "tool": ("toolvlm.tools.cli", "run one tool directly on an image"),
+    "mcp": ("toolvlm.tools.mcp_server", "serve the tools over the Model Context Protocol (stdio or HTTP)"),
     "world": ("toolvlm.finetune.world_cli", "sample or render scenes of the procedurally drawn world"),
     "finetune": ("toolvlm.finetune.cli", "train a VLM controller from a YAML recipe (key=value overrides)"),
     "eval": ("toolvlm.finetune.eval_cli", "evaluate the world models or the controller"),
