@@ -49,13 +49,13 @@ def test_corpus_file_round_trip(tmp_path):
 class _Oracle:
     """Proposes the given continuation of a prompt, with every `wrong`-th guess replaced by a wrong token."""
 
-    def __init__(self, prompt_length: int, continuation: list[int], wrong: int, vocab: int):
+    def __init__(self, prompt_length: int, continuation: list[int], wrong: int, vocab: int, most: int = 6):
         self.start, self.continuation, self.wrong, self.vocab = prompt_length, continuation, wrong, vocab
-        self.proposed = 0
+        self.most, self.proposed = most, 0
 
     def propose(self, sequence: list[int], limit: int | None = None) -> list[int]:
         done = len(sequence) - self.start
-        guess = self.continuation[done : done + min(limit or 6, 6)]
+        guess = self.continuation[done : done + min(limit or self.most, self.most)]
         guess = [(t + 1) % self.vocab if (done + i) % self.wrong == 0 else t for i, t in enumerate(guess)]
         self.proposed += len(guess)
         return guess
@@ -174,7 +174,8 @@ def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin):
         engine.reset()
         plain = list(engine.generate(ids, config=cfg))
         engine.reset()
-        drafted = list(engine.generate(ids, config=cfg, drafter=_Oracle(len(ids), plain, 7, 4096)))
+        drafter = _Oracle(len(ids), plain, wrong=7, vocab=300, most=12)  # (the old engine changed prompt 11)
+        drafted = list(engine.generate(ids, config=cfg, drafter=drafter))
         assert drafted == plain, f"prompt {prompt}: drafts changed the greedy tokens"
         drafted_tokens += engine.stats.drafted_tokens
         accepted += engine.stats.accepted_tokens
