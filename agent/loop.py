@@ -5,8 +5,9 @@ limit is hit; every step goes to the trajectory (and the session folder, when th
 exists. Two kinds of error, kept apart:
 
 - Mistakes of the model (an unparseable call, an unknown tool, invalid arguments, an unknown image handle, a
-  tool reporting bad input) become `ToolStep(error=True)` observations the model reads next; after
-  `max_retries` replies in a row that made only mistakes the turn ends with finish "retries".
+  tool reporting bad input, an empty reply, one cut at a stop string too) become `ToolStep(error=True)`
+  observations the model reads next; after `max_retries` replies in a row that made only mistakes the turn
+  ends with finish "retries".
 - Bugs and infrastructure failures (a tool raising, the controller failing) raise; the steps before them are
   already saved, and `Agent.resume()` runs what the last reply asked for but never got.
 
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FORMAT = "image"
 MENTIONED_HANDLE = re.compile(r"\bimg_[0-9]+\b")
+EMPTY_REPLY = (
+    f"the reply was empty: answer in words or call a tool (a reply never starts with {STOP_STRINGS[0]}, "
+    "which only the tools write)"
+)
 
 
 class UserInputError(ValueError):
@@ -291,7 +296,7 @@ class Agent:
             failures = _trailing_failures(turn)
             if failures > self.config.max_retries:
                 last = next(s for s in reversed(turn) if isinstance(s, ToolStep))
-                text = f"(gave up after {failures} replies whose tool calls all failed; last error: {last.content})"
+                text = f"(gave up after {failures} replies in a row that made only mistakes; last: {last.content})"
                 yield from self._end("retries", text)
                 return
             if n_replies >= self.config.max_steps:
@@ -301,14 +306,17 @@ class Agent:
             yield buffer
             yield from self._generate(buffer)
             parsed = parse_reply("".join(buffer))
-            step = AssistantStep(text="".join(buffer), calls=parsed.calls, errors=parsed.errors)
+            errors = parsed.errors
+            if not parsed.calls and not errors and not parsed.text.strip():  # (or cut at a stop string)
+                errors = [EMPTY_REPLY]  # a mistake like a malformed call: an observation, then a retry
+            step = AssistantStep(text="".join(buffer), calls=parsed.calls, errors=errors)
             self._record(step)
             yield step
             if step.is_answer:
                 turn = self.trajectory.current_turn()
                 yield AnswerEvent(parsed.text, list(turn), _made_images(turn), "answer")
                 return
-            for item in [*parsed.calls, *parsed.errors]:
+            for item in [*step.calls, *step.errors]:
                 yield from self._execute(item)
 
     def _end(self, finish: str, text: str) -> Iterator[Event]:

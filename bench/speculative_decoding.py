@@ -5,7 +5,8 @@
 The default bundle's assistant (its controller, detector and counter; `toolvlm.vlm.drafting` for the drafts)
 answers held-out world requests (`toolvlm eval controller`'s scenes and phrasings, another seed) twice: with the
 controller's draft corpus, and with drafts off. Greedy decoding keeps the text the same either way; the bench
-checks it reply by reply. Each turn starts from a fresh assistant state (no KV prefix from an earlier turn), so
+checks it reply by reply. In bf16 the engine turns drafts off (their rounding could change the text; see
+`toolvlm.vlm.engine.TIE_MARGINS`), so run it with `--dtype float32` to see them. Each turn starts from a fresh assistant state (no KV prefix from an earlier turn), so
 both runs do the same prefill. Runs alternate per request, so load changes on the machine hit both alike.
 
 Last line: one JSON object with the median turn seconds per task with and without drafts, the speedups, the
@@ -38,11 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="describe,ground,count")
     parser.add_argument("--bundle", default=str(bundle_dir()))
     parser.add_argument("--seed", type=int, default=BENCH_SEED)
+    parser.add_argument("--dtype", default=None, help="the controller's dtype (default: the profile's)")
     args = parser.parse_args(argv)
     tasks = tuple(args.tasks.split(","))
 
     started = time.perf_counter()
-    assistant = Assistant.from_profile(load_profile(f"{args.bundle}/profile.yaml"))
+    profile = load_profile(f"{args.bundle}/profile.yaml")
+    if args.dtype:
+        profile.controller["dtype"] = args.dtype
+    assistant = Assistant.from_profile(profile)
     load_s = time.perf_counter() - started
     vlm = assistant.agent.controller.vlm
     drafter = vlm.drafter
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_replies": round(same / len(plan), 4),
         "tokens_per_forward_answers": round(generated / max(passes, 1), 2),
         "load_s": round(load_s, 2),
+        "dtype": str(vlm.engine.dtype).removeprefix("torch."),  # bf16, fp16: no drafts (engine.py)
         "n": len(plan),
         "tasks": list(tasks),
         "seed": args.seed,

@@ -264,3 +264,21 @@ def test_agent_passes_the_repetition_processor(agent_tools):
     Assistant(controller, agent_tools, config={"no_repeat_ngram": 8}).chat("hi")
     processors = controller.calls[0].options["logits_processor"]
     assert [type(p).__name__ for p in processors] == ["NoRepeatReplyNGram"]
+
+
+def test_an_empty_answer_is_a_mistake_retried_then_the_turn_ends(agent_tools):
+    # an empty reply, and one the stop string cuts to nothing (the model imagining a tool's result)
+    controller = ScriptedController(["", '<tool_response>{"count": 3}</tool_response>', "About 3 people."])
+    reply = Assistant(controller, agent_tools).chat("How many people?")
+    assert reply.text == "About 3 people." and reply.finish == "answer"
+    observations = [s for s in reply.steps if isinstance(s, ToolStep)]
+    assert len(observations) == 2 and all(
+        s.error and "the reply was empty" in s.content for s in observations
+    )
+    assert "the reply was empty" in controller.calls[1].text()  # the model read it before its retry
+
+    controller = ScriptedController(["  \n", "<tool_response>", ""])
+    reply = Assistant(controller, agent_tools, config={"max_retries": 2}).chat("?")
+    assert reply.finish == "retries" and "gave up after 3 replies" in reply.text
+    assert "the reply was empty" in reply.text and isinstance(reply.steps[-1], EndStep)
+    assert len(controller.calls) == 3
