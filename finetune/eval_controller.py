@@ -36,6 +36,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from toolvlm.finetune.build_world import TASKS, Planner, Turn, planner_rng
 from toolvlm.finetune.eval_world import f1
 from toolvlm.finetune.shift_phrasings import FAMILY_NAMES, SHIFT_SEED, family_of_task, plan_shift
@@ -305,7 +307,7 @@ def evaluate_planned(
         return None
 
     results, seconds, images = [], defaultdict(list), []
-    for scene, turn in planned:
+    for scene, turn in tqdm(planned, desc="eval turns", unit="turn"):
         image = oracle.render(scene)
         images.append(image)
         reset = getattr(controller, "reset", None)
@@ -551,7 +553,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         (f"ood {k}", [b["out_of_domain"][k] for b in blocks])
         for k in ("real_photo_detection", "world_false_alarms")
     ]
-    lines = [f"{'':>26}  {'in-distribution':>15}  {'shifted':>8}"] if len(blocks) == 2 else []
+    lines = [f"{'':>26}  {'in-distribution':>15}  {'shifted':>15}"] if len(blocks) == 2 else []
     lines += [f"{key:>26}: " + "  ".join(f"{str(v):>15}" for v in values) for key, values in rows]
     notes = dict.fromkeys(n for b in blocks for n in [*b["notes"], b["out_of_domain"]["note"]] if n)
     return lines + [f"note: {note}" for note in notes]
