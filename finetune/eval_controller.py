@@ -325,7 +325,7 @@ def evaluate_planned(
         score["text"], score["answer"] = turn.text, answer_event.text
         results.append(score)
     report = summarize(results, seconds, notes)
-    report["out_of_domain"] = out_of_domain_figures(images)
+    report["out_of_domain"] = out_of_domain_figures(images, getattr(vlm_or_assistant, "domain", None))
     return report
 
 
@@ -351,29 +351,35 @@ def real_photos() -> list[Any]:
     return out
 
 
-def domain_flags(images: list[Any]) -> list[bool]:
-    """Whether the out-of-domain check flags each image: the one call into `toolvlm.tools.domain`."""
-    domain = importlib.import_module(DOMAIN_MODULE)
-    return [bool(domain.is_out_of_domain(image)) for image in images]
-
-
-def out_of_domain_figures(world_images: list[Any]) -> dict[str, Any]:
+def out_of_domain_figures(world_images: list[Any], check: Any = None) -> dict[str, Any]:
     """The out-of-domain check's figures: the share of real photographs it flags (`real_photo_detection`) and of
-    these world scenes (`world_false_alarms`); null, with a note, while `toolvlm.tools.domain` is absent."""
+    these world scenes (`world_false_alarms`). `check` is the evaluated Assistant's (`Assistant.domain`, a
+    `toolvlm.tools.domain.DomainCheck`: `check(image).in_domain`); every figure is null, with a note, while
+    `toolvlm.tools.domain` is absent or the target has no check."""
     figures: dict[str, Any] = {"real_photo_detection": None, "world_false_alarms": None, "n_photos": 0,
                                "n_world": len(world_images), "note": None}  # fmt: skip
     if importlib.util.find_spec(DOMAIN_MODULE) is None:
         figures["note"] = f"{DOMAIN_MODULE} absent: no out-of-domain check in this version"
         return figures
+    if check is None:
+        figures["note"] = (
+            "the evaluated target has no out-of-domain check (a profile's `domain: {stats: FILE}`)"
+        )
+        return figures
     photos = real_photos()
     if photos:
-        figures["real_photo_detection"] = round(sum(domain_flags(photos)) / len(photos), 4)
+        figures["real_photo_detection"] = round(sum(domain_flags(check, photos)) / len(photos), 4)
         figures["n_photos"] = len(photos)
     else:
         figures["note"] = "scikit-image not installed: no real photographs to check"
     if world_images:
-        figures["world_false_alarms"] = round(sum(domain_flags(world_images)) / len(world_images), 4)
+        figures["world_false_alarms"] = round(sum(domain_flags(check, world_images)) / len(world_images), 4)
     return figures
+
+
+def domain_flags(check: Any, images: list[Any]) -> list[bool]:
+    """Whether the out-of-domain check flags each image (the one call into the check)."""
+    return [not check.check(image).in_domain for image in images]
 
 
 def summarize(

@@ -183,21 +183,24 @@ def test_a_yes_no_request_may_be_answered_directly_or_by_a_search():
     assert presence_answer("Here it is: [1, 2, 3, 4]") is True and presence_answer("A meadow.") is None
 
 
-def test_out_of_domain_hook_reports_null_without_the_module_and_figures_with_one(monkeypatch):
+def test_out_of_domain_hook_reports_null_without_the_module_or_a_check_and_figures_with_one(monkeypatch):
+    flag_photos = types.SimpleNamespace(  # world scenes are 224 px, the photographs are not
+        check=lambda image: types.SimpleNamespace(in_domain=image.size == (224, 224))
+    )
     monkeypatch.setattr(eval_controller, "DOMAIN_MODULE", "toolvlm.tools.no_such_domain_check")
-    figures = out_of_domain_figures([])
+    figures = out_of_domain_figures([], flag_photos)
     assert figures["real_photo_detection"] is None and figures["world_false_alarms"] is None
     assert "absent" in figures["note"]
-    pytest.importorskip("skimage")
     fake = types.ModuleType("fake_domain")
     fake.__spec__ = importlib.machinery.ModuleSpec("fake_domain", None)
-    fake.is_out_of_domain = lambda image: image.size != (224, 224)  # world scenes are 224 px, photos are not
     monkeypatch.setitem(sys.modules, "fake_domain", fake)
     monkeypatch.setattr(eval_controller, "DOMAIN_MODULE", "fake_domain")
+    assert out_of_domain_figures([], None)["real_photo_detection"] is None  # a target without a check
+    pytest.importorskip("skimage")
     from toolvlm.finetune.world_draw import render_scene
 
     world = [render_scene(compose_scene(i)) for i in range(3)]
-    figures = out_of_domain_figures(world)
+    figures = out_of_domain_figures(world, flag_photos)
     assert figures["real_photo_detection"] == 1.0 and figures["world_false_alarms"] == 0.0
     assert figures["n_photos"] >= 10 and figures["n_world"] == 3
 
