@@ -228,3 +228,18 @@ def test_eval_cli_shift_writes_both_blocks_with_the_same_keys(tmp_path, monkeypa
     lines = eval_controller.summary_lines(report)
     assert "shifted" in lines[0] and any("tools[polite]" in line for line in lines)
     assert eval_controller.run(parser.parse_args([*argv, "--families", "dance"])) == 2
+
+
+def test_no_training_code_imports_the_shifted_set():
+    """Only the evaluation may import the composer and the phrasing families (the set must stay unseen)."""
+    from pathlib import Path
+
+    import toolvlm.finetune
+
+    folder = Path(toolvlm.finetune.__file__).parent
+    allowed = {"eval_controller.py", "shift_phrasings.py", "shift_scenes.py"}
+    statement = re.compile(r"^\s*(from|import)\s+\S*shift_(scenes|phrasings)\b", re.MULTILINE)
+    importers = [
+        p.name for p in folder.glob("*.py") if p.name not in allowed and statement.search(p.read_text())
+    ]
+    assert not importers, importers
