@@ -3,7 +3,9 @@
 `toolvlm eval world-models [--json] [--n N] [--offset K] [--encoder DIR] [--detector DIR] [--captioner DIR]
 [--generator DIR]` scores the in-house world models (the bundle's by default) on held-out scenes.
 `toolvlm eval controller ...` is implemented in `toolvlm.finetune.eval_controller` (`add_arguments(parser)`,
-`run(args) -> int`), imported lazily; until it exists the target says it is not built yet.
+`run(args) -> int`), imported lazily; until it exists the target says it is not built yet. `toolvlm eval
+controller --shift` adds the shifted set (scenes of `shift_scenes`, requests of `shift_phrasings`) and reports
+one JSON with `in_distribution` and `shifted` blocks.
 """
 
 from __future__ import annotations

@@ -13,11 +13,20 @@ Scenes are drawn with a seed no training set uses, and the user's requests come 
 Tools are the oracle tools of `world_oracle` (the real tool classes answering from the scene annotations) unless
 real tools are given (an Assistant's, or a profile's with weights present). With oracle tools the task scores
 measure the controller alone: the tools' own accuracy is not in them, and the result says so in `notes`.
+
+Also: the hallucinated-category rate (descriptions naming a category the scene lacks), tool selection per
+phrasing family (the turn called the tools its request needs and no others), and `out_of_domain`, the figures of
+the out-of-domain check (`toolvlm.tools.domain`: real photographs flagged, world scenes falsely flagged; null
+while that module is absent). With `--shift`, the same report on a second, shifted set: scenes of the
+independent composer `shift_scenes` and requests of the phrasing families of `shift_phrasings`, neither ever
+trained on; the JSON then has an `in_distribution` and a `shifted` block with the same keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import re
@@ -27,8 +36,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from toolvlm.finetune.build_world import TASKS, Planner, Turn, planner_rng
 from toolvlm.finetune.eval_world import f1
+from toolvlm.finetune.shift_phrasings import FAMILY_NAMES, SHIFT_SEED, family_of_task, plan_shift
 from toolvlm.finetune.world import Scene, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
 from toolvlm.finetune.world_scene import CATEGORIES
@@ -45,6 +57,20 @@ BOX = re.compile(
     r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"
 )
 HANDLE = re.compile(r"\bimg_\d+\b")
+DOMAIN_MODULE = "toolvlm.tools.domain"  # the out-of-domain check (issue 28, item 3)
+# the tools each task needs (all required) and may also use; anything else called is a wrong tool selection
+TOOL_RULES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "describe": (frozenset(), frozenset({"captioner"})),
+    "caption": (frozenset(), frozenset({"captioner"})),
+    "vqa": (frozenset(), frozenset({"grounding", "counter"})),
+    "ground": (frozenset({"grounding"}), frozenset()),
+    "refer": (frozenset({"grounding"}), frozenset()),
+    "ground_all": (frozenset({"grounding"}), frozenset()),
+    "count": (frozenset({"counter"}), frozenset()),
+    "generate": (frozenset({"generator"}), frozenset({"counter"})),
+}
+NEGATIVE = re.compile(r"\b(no|not|none|nothing|cannot|can't|couldn't|could not|don't|do not)\b")
+POSITIVE = re.compile(r"\b(yes|yeah|there is|there are|i see|i can see|i found|found|here is|here are)\b")
 # number words a reply may use for a count: "zero" .. "twelve" (the world's captions spell counts up to 12)
 NUMBER_WORDS = {"zero": 0, **{w: i for i, w in enumerate(WORLD_NUMBER_WORDS[1:13], 1)}}
 
@@ -87,6 +113,16 @@ def answer_number(text: str) -> int | None:
     if found is None:
         return 0 if re.search(r"\bno\b", text) else None
     return int(found.group(1)) if found.group(1) else NUMBER_WORDS[found.group(2)]
+
+
+def presence_answer(text: str) -> bool | None:
+    """Whether an answer says the thing is there (yes, 'I found ...', a box), is not (no, not, none), or None."""
+    text = HANDLE.sub("", text.lower())
+    if NEGATIVE.search(text):
+        return False
+    if POSITIVE.search(text) or BOX.search(text):
+        return True
+    return None
 
 
 def answer_boxes(text: str) -> list[list[float]]:
@@ -148,18 +184,34 @@ def score_turn(turn: Turn, steps: list[Any], answer: str, count_image: Any) -> d
 
     replies = [s for s in steps if isinstance(s, AssistantStep)]
     first_calls = replies[0].calls if replies else []
-    expected = turn.expected_calls
-    act = (not first_calls and not (replies and replies[0].errors)) if not expected else (
-        bool(first_calls) and first_calls[0].name == expected[0]["name"])  # fmt: skip
-    args = act and (not expected or arguments_match(first_calls[0], expected[0]))
     truth, task = turn.truth, turn.task
-    out: dict[str, Any] = {"task": task, "act": act, "args": args, "answer": answer[:400]}
+    # the expected first call, or another first act the request allows (truth["alternatives"], shifted set)
+    acceptable = turn.expected_calls[:1] + truth.get("alternatives", [])
+    if not first_calls:
+        act = not turn.expected_calls and not (replies and replies[0].errors)
+        args = act
+    else:
+        wanted = [c for c in acceptable if c["name"] == first_calls[0].name]
+        act = bool(wanted)
+        args = act and arguments_match(first_calls[0], wanted[0])
+    out: dict[str, Any] = {"task": task, "family": truth.get("family") or family_of_task(task)}
+    out.update({"act": act, "args": args, "answer": answer[:400]})
     out["calls"] = [{"name": c.name, "arguments": c.arguments} for r in replies for c in r.calls]
+    required, allowed = TOOL_RULES[task]
+    called = {c["name"] for c in out["calls"]}
+    out["tool_ok"] = required <= called <= required | allowed
     if task in ("describe", "caption"):
-        out["f1"] = f1(mentioned_categories(answer), set(truth["categories"]))
+        mentioned = mentioned_categories(answer)
+        out["f1"] = f1(mentioned, set(truth["categories"]))
+        out["hallucinated"] = sorted(mentioned - set(truth["categories"]))
         ok = out["f1"] >= 0.85
     elif task == "vqa":
-        ok = re.search(rf"\b{truth['answer']}\b", answer.lower()) is not None
+        if (
+            "presence" in truth
+        ):  # a yes/no detection request: a yes, no, or the boxes found, read as yes or no
+            ok = presence_answer(answer) == truth["presence"]
+        else:
+            ok = re.search(rf"\b{truth['answer']}\b", answer.lower()) is not None
         out["vqa"] = ok
     elif task in ("ground", "refer", "ground_all"):
         out["iou50"] = box_match_rate(answer_boxes(answer), truth["boxes"])
@@ -213,6 +265,28 @@ def evaluate_controller(
 ) -> dict[str, Any]:
     """Scores of a controller (a VLM, a controller, or an Assistant with its tools) on n held-out turns of
     `tasks`."""
+    return evaluate_planned(vlm_or_assistant, plan_eval(n, seed, phrasing, tasks), tools, agent_options)
+
+
+def evaluate_shifted(
+    vlm_or_assistant: Any,
+    n: int = 64,
+    seed: int = SHIFT_SEED,
+    tools: dict[str, Any] | None = None,
+    agent_options: dict[str, Any] | None = None,
+    families: tuple[str, ...] = FAMILY_NAMES,
+) -> dict[str, Any]:
+    """The same scores on n turns of the shifted set: composed scenes, phrasing families never trained on."""
+    return evaluate_planned(vlm_or_assistant, plan_shift(n, seed, families=families), tools, agent_options)
+
+
+def evaluate_planned(
+    vlm_or_assistant: Any,
+    planned: list[tuple[Scene, Turn]],
+    tools: dict[str, Any] | None = None,
+    agent_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run planned (scene, turn) pairs, one agent turn each, and summarise their scores."""
     from toolvlm.agent.loop import Agent, AgentConfig
 
     controller, own_tools = _controller_and_tools(vlm_or_assistant)
@@ -232,9 +306,10 @@ def evaluate_controller(
             return int(tools["counter"](image=handle_image, phrase=phrase).artifact.get("count", 0))
         return None
 
-    results, seconds = [], defaultdict(list)
-    for scene, turn in plan_eval(n, seed, phrasing, tasks):
+    results, seconds, images = [], defaultdict(list), []
+    for scene, turn in tqdm(planned, desc="eval turns", unit="turn"):
         image = oracle.render(scene)
+        images.append(image)
         reset = getattr(controller, "reset", None)
         if reset is not None:
             reset()
@@ -249,7 +324,62 @@ def evaluate_controller(
         score = score_turn(turn, steps, answer_event.text, lambda h, p, m=memory: count_image(m.get(h), p))
         score["text"], score["answer"] = turn.text, answer_event.text
         results.append(score)
-    return summarize(results, seconds, notes)
+    report = summarize(results, seconds, notes)
+    report["out_of_domain"] = out_of_domain_figures(images, getattr(vlm_or_assistant, "domain", None))
+    return report
+
+
+# -- out-of-domain figures (the hook) -----------------------------------------------------------------------
+
+# scikit-image's bundled photographs (no download): real scenes, objects, microscopy, a telescope, textures
+PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "moon", "coins", "clock", "brick", "grass",
+          "gravel", "hubble_deep_field", "immunohistochemistry", "retina")  # fmt: skip
+
+
+def real_photos() -> list[Any]:
+    """scikit-image's bundled photographs as RGB PIL images ([] when scikit-image is not installed)."""
+    if importlib.util.find_spec("skimage") is None:
+        return []
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        pixels = np.asarray(getattr(data, name)())
+        out.append(Image.fromarray(pixels).convert("RGB"))
+    return out
+
+
+def out_of_domain_figures(world_images: list[Any], check: Any = None) -> dict[str, Any]:
+    """The out-of-domain check's figures: the share of real photographs it flags (`real_photo_detection`) and of
+    these world scenes (`world_false_alarms`). `check` is the evaluated Assistant's (`Assistant.domain`, a
+    `toolvlm.tools.domain.DomainCheck`: `check(image).in_domain`); every figure is null, with a note, while
+    `toolvlm.tools.domain` is absent or the target has no check."""
+    figures: dict[str, Any] = {"real_photo_detection": None, "world_false_alarms": None, "n_photos": 0,
+                               "n_world": len(world_images), "note": None}  # fmt: skip
+    if importlib.util.find_spec(DOMAIN_MODULE) is None:
+        figures["note"] = f"{DOMAIN_MODULE} absent: no out-of-domain check in this version"
+        return figures
+    if check is None:
+        figures["note"] = (
+            "the evaluated target has no out-of-domain check (a profile's `domain: {stats: FILE}`)"
+        )
+        return figures
+    photos = real_photos()
+    if photos:
+        figures["real_photo_detection"] = round(sum(domain_flags(check, photos)) / len(photos), 4)
+        figures["n_photos"] = len(photos)
+    else:
+        figures["note"] = "scikit-image not installed: no real photographs to check"
+    if world_images:
+        figures["world_false_alarms"] = round(sum(domain_flags(check, world_images)) / len(world_images), 4)
+    return figures
+
+
+def domain_flags(check: Any, images: list[Any]) -> list[bool]:
+    """Whether the out-of-domain check flags each image (the one call into the check)."""
+    return [not check.check(image).in_domain for image in images]
 
 
 def summarize(
@@ -268,6 +398,8 @@ def summarize(
         "SR_args": mean([float(r["args"]) for r in with_calls]),
         "SR": mean([float(r["success"]) for r in results]),
         "describe_f1": mean([r["f1"] for r in results if "f1" in r]),
+        # descriptions naming a category the scene lacks
+        "hallucinated_category_rate": mean([float(bool(r["hallucinated"])) for r in results if "f1" in r]),
         "grounding_iou50": mean([r["iou50"] for r in results if "iou50" in r]),
         "count_exact": mean([float(r["count_exact"]) for r in results if "count_exact" in r]),
         # the targets' split: exact for counts up to 30, within 10% for crowds above
@@ -277,6 +409,11 @@ def summarize(
         "generate_ok": mean([float(r["generate_ok"]) for r in results if "generate_ok" in r]),
         # the generator was asked for the requested change (whatever the generator then drew)
         "generate_changes_ok": mean([float(r["changes_ok"]) for r in results if "changes_ok" in r]),
+        # per phrasing family: the turn called the tools its request needs and no others (null: no such turns)
+        "tool_selection": {
+            family: mean([float(r["tool_ok"]) for r in results if r["family"] == family])
+            for family in FAMILY_NAMES
+        },
         "by_task": {
             task: {
                 "n": len(rs),
@@ -325,6 +462,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="name tool-made images without showing them (agent option)",
     )
+    parser.add_argument(
+        "--shift",
+        action="store_true",
+        help="also run the shifted set (composed scenes, phrasing families never trained on): one JSON with "
+        "an in_distribution and a shifted block",
+    )
+    parser.add_argument("--shift-seed", type=int, default=SHIFT_SEED, help="scene seed of the shifted set")
+    parser.add_argument(
+        "--families",
+        default=",".join(FAMILY_NAMES),
+        help=f"phrasing families of the shifted set (default all: {','.join(FAMILY_NAMES)})",
+    )
+    parser.add_argument("--out", help="also write the JSON report to this file")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object (per-turn details included)"
@@ -341,6 +491,10 @@ def run(args: argparse.Namespace) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if set(tasks) - set(TASKS) or not tasks:
         print(f"toolvlm eval controller: --tasks takes some of {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    if set(families) - set(FAMILY_NAMES) or not families:
+        print(f"toolvlm eval controller: --families takes some of {', '.join(FAMILY_NAMES)}", file=sys.stderr)
         return 2
     options: dict[str, Any] = {"constrained": True} if args.constrained else {}
     if args.prompts:
@@ -365,17 +519,47 @@ def run(args: argparse.Namespace) -> int:
         from toolvlm.vlm import load_vlm
 
         target = load_vlm(args.model, dtype=args.dtype, merge=True)
+    started = time.perf_counter()
     report = evaluate_controller(
         target, n=args.n, seed=args.seed, phrasing=args.phrasing, agent_options=options, tasks=tasks
     )
     report["notes"] = notes + report["notes"]
+    if args.shift:
+        shifted = evaluate_shifted(
+            target, n=args.n, seed=args.shift_seed, agent_options=options, families=families
+        )
+        shifted["notes"] = notes + shifted["notes"]
+        report = {
+            "in_distribution": report,
+            "shifted": shifted,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
     if args.json:
         print(json.dumps(report))
         return 0
-    for key in ("n", "SR_act", "SR_args", "SR", "describe_f1", "grounding_iou50", "count_exact",
-                "count_exact_le30", "count_within10_gt30", "vqa_accuracy", "generate_ok",
-                "generate_changes_ok"):  # fmt: skip
-        print(f"{key:>16}: {report[key]}")
-    for note in report["notes"]:
-        print(f"note: {note}")
+    print("\n".join(summary_lines(report)))
     return 0
+
+
+SUMMARY_KEYS = ("n", "SR_act", "SR_args", "SR", "describe_f1", "hallucinated_category_rate", "grounding_iou50",
+                "count_exact", "count_exact_le30", "count_within10_gt30", "vqa_accuracy", "generate_ok",
+                "generate_changes_ok")  # fmt: skip
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The report as aligned lines: one column, or in-distribution and shifted side by side."""
+    blocks = [report["in_distribution"], report["shifted"]] if "shifted" in report else [report]
+    rows = [(key, [b[key] for b in blocks]) for key in SUMMARY_KEYS]
+    rows += [(f"tools[{f}]", [b["tool_selection"][f] for b in blocks]) for f in FAMILY_NAMES]
+    rows += [
+        (f"ood {k}", [b["out_of_domain"][k] for b in blocks])
+        for k in ("real_photo_detection", "world_false_alarms")
+    ]
+    lines = [f"{'':>26}  {'in-distribution':>15}  {'shifted':>15}"] if len(blocks) == 2 else []
+    lines += [f"{key:>26}: " + "  ".join(f"{str(v):>15}" for v in values) for key, values in rows]
+    notes = dict.fromkeys(n for b in blocks for n in [*b["notes"], b["out_of_domain"]["note"]] if n)
+    return lines + [f"note: {note}" for note in notes]

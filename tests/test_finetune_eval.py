@@ -51,17 +51,25 @@ def test_perfect_scripted_controller_scores_one():
         "generate",
     }
     assert any("oracle" in note for note in report["notes"])
+    assert report["hallucinated_category_rate"] == 0.0
+    # the held-out phrasings are in-distribution families; the shifted set alone has the others
+    assert report["tool_selection"] == {"describe": 1.0, "detect": 1.0, "ground": 1.0, "count": 1.0,
+                                        "generate": 1.0, "conditional": None, "polite": None}  # fmt: skip
+    assert set(report["out_of_domain"]) >= {"real_photo_detection", "world_false_alarms", "note"}
     json.dumps(report)  # serialisable for --json
 
 
 def test_wrong_replies_score_lower():
     silent = evaluate_controller(ScriptedController([lambda m, i: "I am not sure."] * 100), n=N)
     assert silent["SR_act"] < 1.0 and silent["SR_args"] == 0.0 and silent["SR"] < 0.5
+    assert silent["tool_selection"]["count"] == 0.0 and silent["tool_selection"]["describe"] == 1.0
+    assert silent["hallucinated_category_rate"] == 0.0  # it names nothing
     swapped = [
         r.replace('"name": "counter"', '"name": "grounding"') if isinstance(r, str) else r for r in _script()
     ]
     report = evaluate_controller(ScriptedController(swapped + ["I am not sure."] * 50), n=N)
     assert report["SR_act"] < 1.0 and report["by_task"]["count"]["SR_act"] == 0.0
+    assert report["tool_selection"]["count"] == 0.0 and report["tool_selection"]["ground"] == 1.0
     assert report["by_task"]["describe"]["SR"] == 1.0
 
 
