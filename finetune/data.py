@@ -42,7 +42,7 @@ from toolvlm.vlm.images import ImageLike, image_key, load_image
 logger = logging.getLogger(__name__)
 
 # The tools of the world controller, in the order their schemas are listed in its system prompt.
-TOOLSET: tuple[str, ...] = ("grounding", "counter", "generator")
+TOOLSET: tuple[str, ...] = ("grounding", "counter", "generator", "captioner")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system", "tool": "tool", "observation": "tool", "function": "tool"}  # fmt: skip
 IMAGE_TAG = "<image>"

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from toolvlm.bundle import bundle_dir
+from toolvlm.finetune.world_scene import CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ def write_profile(out: Path) -> Path:
         tools["counter"] = {}
     if (out / "generator").is_dir():
         tools["generator"] = {"backend": "inhouse", "model": "generator"}
+    if (out / "detector").is_dir():  # captions written from what the detector finds (tools/grounded_caption.py)
+        tools["captioner"] = {"backend": "grounded", "vocabulary": list(CATEGORIES)}
     profile = {
         "description": "the default bundle: world-trained controller (SmolLM2-135M-Instruct + LoRA) and tools",
         "controller": {"backend": "local", "model": "controller", "dtype": "auto"},

@@ -29,6 +29,7 @@ from toolvlm.finetune.world import Object, Scene, referring_expressions, render_
 from toolvlm.finetune.world_scene import CATEGORIES, DEFAULT_COLOUR, PALETTES
 from toolvlm.finetune.world_text import describe, plural
 from toolvlm.tools.base import Tool
+from toolvlm.tools.captioner import CaptionerTool
 from toolvlm.tools.counter import CounterTool
 from toolvlm.tools.detectors import Detection, Detector, normalize_phrase
 from toolvlm.tools.generator import GeneratorTool
@@ -111,13 +112,15 @@ class WorldOracle:
         return image
 
     def tools(self) -> dict[str, Tool]:
-        """Grounding, counter and generator tools answering from the scenes (names as the real tools)."""
+        """Grounding, counter, generator and (grounded) captioner tools answering from the scenes (names as the
+        real tools)."""
         grounding = GroundingTool(backend="inhouse", geometry=False)  # the oracle reads whole expressions
         grounding.detector = OracleDetector(self)
         counter = CounterTool(backend="inhouse", grounding=grounding)
         generator = GeneratorTool(backend="inhouse", grounding=grounding)
         generator.backend = OracleBackend(self)
-        return {t.name: t for t in (grounding, counter, generator)}
+        captioner = CaptionerTool("grounded", grounding=grounding, vocabulary=list(CATEGORIES))
+        return {t.name: t for t in (grounding, counter, generator, captioner)}
 
 
 class OracleDetector(Detector):

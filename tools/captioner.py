@@ -20,11 +20,14 @@ from PIL import Image
 
 from toolvlm.tools import hf, imaging
 from toolvlm.tools.base import Tool, ToolOutput
+from toolvlm.tools.detectors import make_detector
 from toolvlm.tools.draw import BOX_SCHEMA
-from toolvlm.tools.grounding import IMAGE_PARAM
+from toolvlm.tools.grounded_caption import GroundedCaptioner
+from toolvlm.tools.grounding import IMAGE_PARAM, GroundingTool
 
 log = logging.getLogger(__name__)
 
+GROUNDED = "grounded"  # the backend that writes captions from a detector's findings
 QUADRANTS = [
     ("top left", (0, 0, 0.5, 0.5)),
     ("top right", (0.5, 0, 1, 0.5)),
@@ -147,10 +150,23 @@ class CaptionerTool(Tool):
         dtype: str = "float32",
         max_new_tokens: int = 30,
         max_side: int = 2048,
+        grounding: GroundingTool | None = None,
+        vocabulary: list[str] | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.backend = backend
-        self.captioner = Captioner(backend, model, device, dtype, max_new_tokens)
+        self.captioner: Captioner | GroundedCaptioner
+        if backend == GROUNDED:  # captions written from a detector's findings (tools/grounded_caption.py)
+            detector = (
+                grounding.detector
+                if grounding is not None and model is None
+                else make_detector(self.name, "inhouse", model=model, device=device, dtype=dtype)
+            )
+            self.captioner = GroundedCaptioner(detector, vocabulary or [])
+        elif vocabulary is not None:
+            raise ValueError(f"captioner: 'vocabulary' is an option of the {GROUNDED!r} backend only")
+        else:
+            self.captioner = Captioner(backend, model, device, dtype, max_new_tokens)
         self.max_side = max_side
 
     def setup(self) -> None:

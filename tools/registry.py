@@ -119,9 +119,9 @@ def backends(name: str) -> list[str] | None:
 
         return list(DETECTORS)
     if name == "captioner":
-        from toolvlm.tools.captioner import Captioner
+        from toolvlm.tools.captioner import GROUNDED, Captioner
 
-        return list(Captioner.model_types)
+        return [*Captioner.model_types, GROUNDED]
     if name == "generator":
         from toolvlm.tools.image_backends import BACKENDS
 
@@ -140,12 +140,14 @@ def build_tools(spec: dict[str, dict[str, Any] | None]) -> dict[str, Tool]:
     tools: dict[str, Tool] = {}
     for name in order:
         options = spec[name]
-        if name in ("counter", "generator") and "grounding" in tools and "grounding" not in options:
+        shares_detector = name == "counter" or (name == "captioner" and options.get("backend") == "grounded")
+        if (shares_detector or name == "generator") and "grounding" in tools and "grounding" not in options:
             grounding = tools["grounding"]
             if name == "generator":
                 options["grounding"] = grounding
             elif "model" not in options:
-                options.setdefault("backend", getattr(grounding, "backend", "inhouse"))
+                if name == "counter":
+                    options.setdefault("backend", getattr(grounding, "backend", "inhouse"))
                 options["grounding"] = grounding
         tools[name] = get(name, **options)
     return {name: tools[name] for name in spec}
