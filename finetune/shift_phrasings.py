@@ -159,12 +159,17 @@ class ShiftPlanner:
 
     def _describe(self, templates: list[str], family: str) -> Turn:
         reply = self.notes["paragraph"]
-        return Turn("describe", self._text(templates), [reply], [], {"categories": self._present()})
+        return Turn("describe", self._text(templates), [reply], [], self._description_truth())
 
     def _caption(self, templates: list[str], family: str) -> Turn:
         # the caption leaves out the sky; the paragraph names everything, as a perfect reply must
         reply = self.notes["paragraph"]
-        return Turn("caption", self._text(templates), [reply], [], {"categories": self._present()})
+        return Turn("caption", self._text(templates), [reply], [], self._description_truth())
+
+    def _description_truth(self) -> dict[str, Any]:
+        """What a description is scored on; answering directly or asking the captioner first are both right."""
+        describe = {"name": "captioner", "arguments": {"image": "img_0"}}
+        return {"categories": self._present(), "alternatives": [describe]}
 
     def _vqa(self, templates: list[str], family: str) -> Turn:
         present = [c for c in self._present() if c != "person"]
