@@ -279,6 +279,24 @@ def test_hostile_arguments_through_the_python_api():
     )
 
 
+@pytest.mark.parametrize(
+    "phrase, expected",
+    [
+        ("", "the phrase is empty"),
+        (" ; ;", "the phrase is empty"),
+        ("\x00\x01", "has no letters"),
+        ("; ".join(f"thing {i}" for i in range(40)), "40 phrases separated by ';'; at most 16"),
+        ("person " * 200, "argument 'phrase' is 1400 characters long; at most 500"),
+    ],
+    ids=["empty", "separators", "control", "many", "long"],
+)
+@pytest.mark.parametrize("name", ["counter", "grounding"])
+def test_hostile_phrases_are_refused_before_weights_load(here, capsys, scene_path, name, phrase, expected):
+    code, out, err = run(capsys, "tool", name, str(scene_path), f"phrase={phrase}")  # the default bundle's
+    assert code == 2 and expected in err and out == ""
+    assert not (here / "toolvlm_out").exists()
+
+
 # ---------------------------------------------------------------- outputs
 
 

@@ -186,6 +186,8 @@ def _tools_for(name: str, profile: str | None) -> dict[str, Any]:
         raise UsageError(f"{source}: " + "; ".join(problems))
     try:
         return registry.build_tools(needed)
+    except MissingWeightsError as err:
+        raise UsageError(str(err)) from None
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{source}: {err.args[0] if err.args else err}") from None
 
