@@ -275,7 +275,7 @@ def test_hostile_arguments_through_the_python_api():
     assert (
         output.error
         and "unknown argument(s) ['colour']" in output.content
-        and "image (image, required)" in output.content
+        and "image (image handle, required)" in output.content
     )
 
 

@@ -219,7 +219,7 @@ def _check_sane(key: str, value: Any, prop: dict[str, Any], depth: int = 0) -> N
 
 def _type_name(prop: dict[str, Any]) -> str:
     if prop.get("format") == IMAGE_FORMAT:
-        return "image"
+        return "image handle"
     if "enum" in prop:
         return "one of " + "/".join(map(str, prop["enum"]))
     kind = prop.get("type", "any")
