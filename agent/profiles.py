@@ -96,19 +96,33 @@ def find_profile(name_or_path: str | Path) -> Path:
     raise ProfileError(f"no profile named {str(name_or_path)!r} (looked for {name_or_path}.yaml in {looked})")
 
 
-def load_profile(source: str | Path | dict | Profile) -> Profile:
-    """A profile from a path, a name, a mapping or a Profile; a file's relative `model:` paths that exist beside
-    it are taken relative to its folder (a copied bundle's profile.yaml works where it lies)."""
+def load_profile(source: str | Path | dict | Profile, check_models: bool = True) -> Profile:
+    """A checked profile from a path, a name, a mapping or a Profile. A file's relative `model:` paths are taken
+    from its own folder (a copied bundle's profile.yaml works wherever it lies, from any current folder); a
+    mapping's from the current folder. Raises ProfileError naming the file and the key for malformed YAML, an
+    unknown backend, tool or option, and (`check_models`) a missing model folder or a hub id the hub cannot
+    give (offline); `check_models=False` reads a profile meant for another machine."""
     if isinstance(source, Profile):
         return source
     if isinstance(source, dict):
-        return Profile.from_dict(source)
+        return check(_resolve_models(Profile.from_dict(source), Path.cwd()), check_models)
     path = find_profile(source)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ProfileError(f"profile {path}: not valid YAML: {err}") from None
-    return _resolve_models(Profile.from_dict(data, str(path)), path.parent)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ProfileError(f"profile {path}: cannot read it: {err}") from None
+    return check(_resolve_models(Profile.from_dict(data, str(path)), path.parent), check_models)
+
+
+def check(profile: Profile, check_models: bool = True) -> Profile:
+    """`profile`, or ProfileError listing every problem `check_profile` sees (each with its file and key)."""
+    problems = check_profile(profile, check_models)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ProfileError(f"profile {profile.source}: {len(problems)} problem(s):\n  {listed}")
+    return profile
 
 
 def default_profile() -> Profile:
@@ -119,7 +133,7 @@ def default_profile() -> Profile:
     folder = bundle.bundle_dir()
     shipped = folder / BUNDLE_PROFILE
     if shipped.is_file():
-        return _resolve_models(load_profile(shipped), folder)
+        return load_profile(shipped)
     if not bundle.has("controller"):
         raise ProfileError(
             f"the default bundle is not built in this version of toolvlm (no trained controller in {folder}), so "
@@ -138,17 +152,11 @@ def default_profile() -> Profile:
 
 
 def _resolve_models(profile: Profile, folder: Path) -> Profile:
-    """A profile whose relative `model:` paths are taken relative to `folder`."""
+    """A profile whose relative `model:` paths are taken relative to `folder` (hub ids stay)."""
+    from toolvlm.tools.hf import resolve_model
 
     def resolve(spec: dict[str, Any]) -> dict[str, Any]:
-        model = spec.get("model")
-        if (
-            isinstance(model, str)
-            and not Path(model).expanduser().is_absolute()
-            and (folder / model).exists()
-        ):
-            return {**spec, "model": str(folder / model)}
-        return spec
+        return {**spec, "model": resolve_model(spec["model"], folder)} if "model" in spec else spec
 
     tools = {name: resolve(options) for name, options in profile.tools.items()}
     return Profile(resolve(profile.controller), tools, profile.agent, profile.source)
@@ -200,23 +208,20 @@ def tool_backends(name: str) -> list[str] | None:
     return None if listed is None else list(listed)
 
 
-def check_profile(profile: Profile) -> list[str]:
-    """Problems of a profile that can be seen without loading weights (unknown backends or tools)."""
-    from toolvlm.tools import registry
+def check_profile(profile: Profile, check_models: bool = True) -> list[str]:
+    """Problems of a profile that can be seen without loading weights, each naming its key: unknown backends,
+    tools or options, and (`check_models`) missing model folders and hub ids that cannot be reached."""
+    from toolvlm.tools.hf import model_problem, spec_problems
 
     problems = []
     backend = profile.controller.get("backend", "local")
     if backend not in CONTROLLER_BACKENDS:
         problems.append(
-            f"unknown controller backend {backend!r}; backends are: {', '.join(CONTROLLER_BACKENDS)}"
+            f"controller.backend: unknown controller backend {backend!r}; backends are: "
+            f"{', '.join(CONTROLLER_BACKENDS)}"
         )
-    known_tools = registry.names()
-    for name, options in profile.tools.items():
-        if name not in known_tools:
-            problems.append(f"unknown tool {name!r}; tools are: {', '.join(known_tools)}")
-            continue
-        backends = tool_backends(name)
-        chosen = options.get("backend")
-        if chosen is not None and backends is not None and chosen not in backends:
-            problems.append(f"tool {name!r}: unknown backend {chosen!r}; backends are: {', '.join(backends)}")
-    return problems
+    elif backend == "local" and check_models:
+        problem = model_problem(profile.controller.get("model"))
+        if problem:
+            problems.append(f"controller.model: {problem}")
+    return problems + spec_problems(profile.tools, check_models=check_models)

@@ -324,7 +324,7 @@ def load_trained(model_class: Any, folder: str, config: Any = None) -> tuple[Any
     not the defaults)."""
     from transformers import AutoTokenizer
 
-    model = model_class.from_pretrained(folder).float()
+    model = model_class.from_pretrained(folder, use_safetensors=True).float()
     if config is not None:
         if config.image_size:
             model = resize_vision(model, config.image_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -367,7 +368,7 @@ class Trainer:
                 f"checkpoint {folder} lacks trainable weights {sorted(missing)[:3]} (another recipe?)"
             )
         model.load_state_dict(weights, strict=False)
-        extra = torch.load(folder / "optimizer.pt", weights_only=False)
+        extra = _load_training_state(folder / "optimizer.pt")
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         _set_rng_state(extra["rng"])
@@ -404,13 +405,36 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states, as tensors and plain values only, so that a checkpoint loads with weights_only=True."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+
+
+def _load_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's optimizer, schedule and random states, unpickled with weights_only=True: a crafted file
+    cannot run code. Checkpoints written before the random states were plain hold a numpy array, whose few
+    reconstruction functions are allowed too."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        numpy_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        try:
+            with torch.serialization.safe_globals(numpy_types):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path} holds objects that only an unsafe unpickling could load ({err}); it was not written "
+                "by toolvlm's trainer: resume from another checkpoint or start with resume=no"
+            ) from None
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -9,6 +9,7 @@ import pytest
 from toolvlm.agent.assistant import Assistant
 from toolvlm.agent.openai_controller import OpenAIController
 from toolvlm.agent.profiles import (
+    Profile,
     ProfileError,
     build_controller,
     check_profile,
@@ -28,8 +29,8 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_profile_parses_and_names_existing_backends(path):
-    profile = load_profile(path)
-    assert check_profile(profile) == []
+    profile = load_profile(path, check_models=False)  # its model folders are on another machine
+    assert check_profile(profile, check_models=False) == []
     assert profile.tools, "an example profile configures tools"
     tools = build_tools(profile.tools)  # constructors only: weights load on first use
     assert sorted(tools) == sorted(profile.tools)
@@ -40,20 +41,22 @@ def test_example_profile_parses_and_names_existing_backends(path):
 
 
 def test_qwen_profile_uses_native_tool_calling():
-    profile = load_profile(next(p for p in EXAMPLES if p.stem == "qwen2vl-native-tools"))
+    profile = load_profile(next(p for p in EXAMPLES if p.stem == "qwen2vl-native-tools"), check_models=False)
     assert profile.agent["native_tools"] is True and "Qwen2-VL" in profile.controller["model"]
 
 
 def test_profile_problems_are_named(tmp_path):
-    bad = load_profile(
-        {"controller": {"backend": "telepathy"}, "tools": {"grounding": {"backend": "yolo"}, "oracle": {}}}
-    )
+    data = {"controller": {"backend": "telepathy"}, "tools": {"grounding": {"backend": "yolo"}, "oracle": {}}}
+    bad = Profile.from_dict(data)
     problems = check_profile(bad)
     assert any("unknown controller backend 'telepathy'" in p for p in problems)
     assert any(
-        "tool 'grounding': unknown backend 'yolo'; backends are:" in p and "owlv2" in p for p in problems
+        "tools.grounding.backend: unknown backend 'yolo'; backends are:" in p and "owlv2" in p
+        for p in problems
     )
     assert any("unknown tool 'oracle'" in p for p in problems)
+    with pytest.raises(ProfileError, match="(?s)3 problem.*unknown controller backend 'telepathy'"):
+        load_profile(data)  # loading checks
     with pytest.raises(ProfileError, match="unknown controller backend 'telepathy'"):
         build_controller(bad.controller)
     with pytest.raises(ProfileError, match="unknown key"):
@@ -99,7 +102,17 @@ def test_a_profile_files_relative_models_are_taken_beside_it(tmp_path, monkeypat
         "controller: {backend: local, model: controller}\n"
         "tools: {grounding: {backend: inhouse, model: detector}, captioner: {backend: blip, model: org/blip}}\n"
     )
-    profile = load_profile(tmp_path / "p.yaml")
+    profile = load_profile(tmp_path / "p.yaml", check_models=False)
     assert profile.tools["grounding"]["model"] == str(tmp_path / "detector")
     assert profile.tools["captioner"]["model"] == "org/blip"  # a hub id: nothing of that name beside it
-    assert profile.controller["model"] == "controller"  # absent beside it: left as written
+    assert profile.controller["model"] == str(tmp_path / "controller")  # beside it, though absent
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ProfileError) as caught:
+        load_profile(tmp_path / "p.yaml")  # checked: the controller's folder is missing, the hub is off
+    text = str(caught.value)
+    assert str(tmp_path / "p.yaml") in text and "2 problem(s)" in text
+    assert f"controller.model: model folder '{tmp_path / 'controller'}' not found" in text
+    assert (
+        "tools.captioner.model: no folder 'org/blip' beside the profile" in text
+        and "cannot be reached offline" in text
+    )

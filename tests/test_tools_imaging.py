@@ -70,11 +70,11 @@ def test_fit_image_and_modes():
 
 
 def test_load_image_errors(tmp_path):
-    with pytest.raises(ToolInputError, match="no image file"):
+    with pytest.raises(ToolInputError, match="image file not found"):
         imaging.load_image(tmp_path / "missing.png")
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    with pytest.raises(ToolInputError, match="cannot read"):
+    with pytest.raises(ToolInputError, match="not an image"):
         imaging.load_image(bad)
 
 

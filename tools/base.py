@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -32,8 +33,9 @@ class ToolInputError(ValueError):
     """Bad input from the caller (the model or a user); becomes `ToolOutput(error=True)` with this text."""
 
 
-class MissingWeightsError(RuntimeError):
-    """A tool has no model weights configured or found; an infrastructure failure, so it raises."""
+class MissingWeightsError(FileNotFoundError):
+    """Model weights (of a tool or the VLM) are not configured or not found; an infrastructure failure, so it
+    raises. The one such error of toolvlm (`toolvlm.vlm.base_lm` re-exports it)."""
 
 
 @dataclass
@@ -137,35 +139,87 @@ class Tool:
 
     def validate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Check and coerce arguments against the schema; raise ToolInputError saying what to change."""
-        props: dict[str, Any] = self.inputs.get("properties", {})
-        expected = ", ".join(f"{k} ({_type_name(v)})" for k, v in props.items()) or "none"
-        unknown = sorted(set(kwargs) - set(props))
-        if unknown:
-            raise ToolInputError(f"unknown argument(s) {unknown}; arguments are: {expected}")
-        missing = [k for k in self.inputs.get("required", []) if k not in kwargs or kwargs[k] is None]
-        if missing:
-            raise ToolInputError(f"missing required argument(s) {missing}; arguments are: {expected}")
-        images = image_parameters(self.inputs)
-        out: dict[str, Any] = {}
-        for key, value in kwargs.items():
-            if value is None:
-                continue  # an optional argument left out
-            out[key] = _coerce_image(key, value) if key in images else _coerce(value, props[key])
-        checked = {k: v for k, v in out.items() if k not in images}
-        schema = {**self.inputs, "properties": {k: v for k, v in props.items() if k not in images}}
-        schema["required"] = [k for k in self.inputs.get("required", []) if k not in images]
-        validator = jsonschema.Draft202012Validator(schema)
-        errors = sorted(validator.iter_errors(checked), key=lambda e: list(e.path))
-        if errors:
-            err = errors[0]
-            where = "argument " + repr(".".join(str(p) for p in err.path)) if err.path else "arguments"
-            raise ToolInputError(f"{where}: {err.message}; arguments are: {expected}")
-        return out
+        return validate_arguments(self.inputs, kwargs)
+
+
+# longest text argument taken (a tool's schema may set its own maxLength): longer is a mistake or an attack
+MAX_TEXT_CHARS = 10_000
+
+
+def describe_arguments(inputs: dict[str, Any]) -> str:
+    """A short list of a schema's arguments with their types, required ones marked."""
+    required = set(inputs.get("required", []))
+    props: dict[str, Any] = inputs.get("properties", {})
+    out = [f"{k} ({_type_name(v)}{', required' if k in required else ''})" for k, v in props.items()]
+    return ", ".join(out) or "none"
+
+
+def validate_arguments(
+    inputs: dict[str, Any],
+    arguments: Any,
+    image: typing.Callable[[str, Any], Image.Image] | None = None,
+) -> dict[str, Any]:
+    """The one argument check of toolvlm (tools and the agent loop): check `arguments` against a tool's input
+    schema, coerce lenient strings ("0.3" for a number), and turn image-valued ones into images with
+    `image(key, value)` (default: a PIL image or a file path; the loop resolves handles). Raises
+    ToolInputError saying what to change; the caller adds the tool's name."""
+    props: dict[str, Any] = inputs.get("properties", {})
+    expected = describe_arguments(inputs)
+    if not isinstance(arguments, dict):
+        raise ToolInputError(
+            f"arguments must be a JSON object, got {type(arguments).__name__}; arguments are: {expected}"
+        )
+    unknown = sorted(str(k) for k in set(arguments) - set(props))
+    if unknown:
+        raise ToolInputError(f"unknown argument(s) {unknown}; arguments are: {expected}")
+    missing = [k for k in inputs.get("required", []) if k not in arguments or arguments[k] is None]
+    if missing:
+        raise ToolInputError(f"missing required argument(s) {missing}; arguments are: {expected}")
+    images = image_parameters(inputs)
+    load = image or _coerce_image
+    out: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if value is None:
+            continue  # an optional argument left out
+        if key in images:
+            out[key] = load(key, value)
+            continue
+        out[key] = _coerce(value, props[key])
+        _check_sane(key, out[key], props[key])
+    checked = {k: v for k, v in out.items() if k not in images}
+    schema = {**inputs, "properties": {k: v for k, v in props.items() if k not in images}}
+    schema["required"] = [k for k in inputs.get("required", []) if k not in images]
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(checked), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = "argument " + repr(".".join(str(p) for p in err.path)) if err.path else "arguments"
+        message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
+        raise ToolInputError(f"{where}: {message}; arguments are: {expected}")
+    return out
+
+
+def _check_sane(key: str, value: Any, prop: dict[str, Any], depth: int = 0) -> None:
+    """Refuse what a JSON schema lets through but no tool can use: NaN or infinite numbers, huge texts."""
+    if depth > 20:
+        raise ToolInputError(f"argument {key!r} is nested more than 20 levels deep")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolInputError(f"argument {key!r} must be a finite number, got {value}")
+    if isinstance(value, str) and len(value) > prop.get("maxLength", MAX_TEXT_CHARS):
+        raise ToolInputError(
+            f"argument {key!r} is {len(value)} characters long; at most {prop.get('maxLength', MAX_TEXT_CHARS)}"
+        )
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_sane(key, item, {}, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_sane(key, item, {}, depth + 1)
 
 
 def _type_name(prop: dict[str, Any]) -> str:
     if prop.get("format") == IMAGE_FORMAT:
-        return "image"
+        return "image handle"
     if "enum" in prop:
         return "one of " + "/".join(map(str, prop["enum"]))
     kind = prop.get("type", "any")
@@ -175,9 +229,7 @@ def _type_name(prop: dict[str, Any]) -> str:
 def _coerce_image(key: str, value: Any) -> Image.Image:
     from toolvlm.tools import imaging  # imaging imports this module
 
-    if isinstance(value, Image.Image):
-        return imaging.to_rgb(value)
-    if isinstance(value, str | Path):
+    if isinstance(value, Image.Image | str | Path):
         return imaging.load_image(value)
     raise ToolInputError(
         f"argument {key!r} must be an image (a handle such as 'img_0' or a file path), got {type(value).__name__}"
@@ -205,7 +257,7 @@ def _coerce(value: Any, prop: dict[str, Any]) -> Any:
     if kinds & {"array", "object"}:
         try:
             return _coerce(json.loads(text), prop)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 

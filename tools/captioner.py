@@ -82,7 +82,7 @@ class Captioner:
             else transformers.BlipForConditionalGeneration
         )
         self.processor = transformers.AutoProcessor.from_pretrained(folder)
-        self.model = hf.place(cls.from_pretrained(folder), self.device, self.dtype)
+        self.model = hf.place(cls.from_pretrained(folder, use_safetensors=True), self.device, self.dtype)
 
     def caption(self, image: Image.Image, max_new_tokens: int | None = None) -> str:
         """One caption, greedy decoding."""

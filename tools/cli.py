@@ -1,7 +1,10 @@
 """`toolvlm tools [--json]` and `toolvlm tool NAME IMAGE [key=value ...] [--json] [--out DIR] [--profile PATH]`.
 
 The only module of tools/ that prints. A profile is a YAML file whose `tools:` mapping is a `build_tools` spec
-(other keys, e.g. `controller:`, are ignored). Values of `key=value` are read as JSON when they parse
+(other keys, e.g. `controller:`, are ignored; relative `model:` paths are taken from the profile's folder);
+without one, the default bundle's tools run. Everything a user can get wrong (the profile, key=value, JSON
+values, the image, the arguments, --out) is checked before any model loads and exits with status 2 and one
+line saying what to change; a tool reporting bad input exits with 1. Values of `key=value` are read as JSON when they parse
 (`threshold=0.3`, `changes={"person": 2}`), else as text (`phrase=red car`). Images a tool makes are written
 as PNG files to --out (default `toolvlm_out/`, created when missing; existing files are never overwritten).
 """
@@ -15,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from toolvlm.tools import registry
-from toolvlm.tools.base import IMAGE_FORMAT, MissingWeightsError, image_parameters
+from toolvlm.tools import hf, imaging, registry
+from toolvlm.tools.base import IMAGE_FORMAT, MissingWeightsError, ToolInputError, image_parameters
 
 DEFAULT_OUT = "toolvlm_out"
 
@@ -37,34 +40,107 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
+class UsageError(ValueError):
+    """A command line that cannot run (exit status 2); the text says what to change."""
+
+
 def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings -> a dict; values parse as JSON when they can."""
+    """`key=value` strings -> a dict; values parse as JSON when they can, else stay text. A value that starts
+    like a JSON object or list but does not parse raises UsageError saying where it breaks."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ValueError(f"expected key=value, got {item!r}")
+            raise UsageError(
+                f"expected key=value, got {item!r} (e.g. phrase=person or 'changes={{\"person\": 2}}')"
+            )
+        if not key.isidentifier():
+            raise UsageError(
+                f"{key!r} is not an argument name (in {item!r}); names are like phrase or threshold"
+            )
+        if key in out:
+            raise UsageError(f"argument {key!r} is given twice")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if value.lstrip()[:1] in ("{", "["):
+                raise UsageError(
+                    f"argument {key!r}: {value!r} is not valid JSON ({err.msg} at character {err.pos}); "
+                    "quote it for the shell, e.g. 'changes={\"person\": 2}'"
+                ) from None
             out[key] = value
+        except RecursionError:
+            raise UsageError(f"argument {key!r}: the JSON value is nested too deeply") from None
     return out
 
 
-def load_profile(path: str | None) -> dict[str, dict[str, Any]]:
-    """The `tools:` spec of a YAML profile ({} without a profile)."""
+def load_profile(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """The `tools:` spec of a YAML profile ({} without a profile), its relative `model:` paths taken from the
+    profile's own folder; raises UsageError naming the file (and the key) when it cannot be read."""
     if path is None:
         return {}
     import yaml
 
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"profile {path!r} not found (give the path of a YAML file with a 'tools:' mapping)")
-    data = yaml.safe_load(file.read_text()) or {}
-    spec = data.get("tools", {}) if isinstance(data, dict) else None
+        what = "is a folder" if file.is_dir() else "not found"
+        raise UsageError(
+            f"profile {str(path)!r} {what} (give the path of a YAML file with a 'tools:' mapping)"
+        )
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UsageError(f"profile {file}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"profile {file}: cannot read it: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"profile {file}: expected a mapping with 'tools:', got {type(data).__name__}")
+    spec = data.get("tools") or {}
     if not isinstance(spec, dict):
-        raise ValueError(f"profile {path!r}: 'tools:' must be a mapping of tool name -> backend options")
-    return spec
+        raise UsageError(f"profile {file}: 'tools:' must be a mapping of tool name -> backend options")
+    bad = [name for name, options in spec.items() if not isinstance(options, dict | type(None))]
+    if bad:
+        raise UsageError(
+            f"profile {file}: tools.{bad[0]}: expected a mapping of options (backend, model, ...)"
+        )
+    return {
+        str(name): {**options, "model": hf.resolve_model(options["model"], file.parent)}
+        if "model" in options
+        else dict(options or {})
+        for name, options in spec.items()
+    }
+
+
+def default_spec() -> dict[str, dict[str, Any]]:
+    """The default bundle's tools (the `tools:` of its profile.yaml), so that `toolvlm tool` needs no profile;
+    {} when the bundle ships none (each in-house backend then finds its own bundle part, or says how to
+    configure one)."""
+    from toolvlm import bundle
+
+    shipped = bundle.bundle_dir() / "profile.yaml"
+    return load_profile(shipped) if shipped.is_file() else {}
+
+
+def check_out_dir(out: str | Path) -> str | None:
+    """Why images could not be written to the folder `out` (None when they can), seen before any model runs."""
+    folder = Path(out).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            return f"--out {str(out)!r} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"--out {str(out)!r}: the folder is not writable"
+        return None
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {str(out)!r}: {str(parent)!r} is a file, so the folder cannot be made"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {str(out)!r}: cannot make the folder ({str(parent)!r} is not writable)"
+    return None
 
 
 def _unique(folder: Path, stem: str) -> Path:
@@ -93,6 +169,29 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tools_for(name: str, profile: str | None) -> dict[str, Any]:
+    """The tools needed to run `name`: it and, for the counter and the generator, the grounding tool they use
+    (from the profile, else the default bundle's). Raises UsageError naming the profile and key."""
+    spec = load_profile(profile) if profile is not None else default_spec()
+    if name not in registry.names():
+        raise UsageError(f"unknown tool {name!r}; tools are: {', '.join(registry.names())}")
+    needed = {name: spec.get(name) or {}}
+    uses_grounding = name == "generator" or (name == "counter" and "model" not in needed[name])
+    if uses_grounding and "grounding" in spec:  # build_tools links it (a similar image, counting)
+        needed["grounding"] = spec["grounding"] or {}
+    source = f"profile {profile}" if profile is not None else "the default bundle's profile"
+    others = {k: v for k, v in spec.items() if k not in needed}  # checked too, but their weights not sought
+    problems = hf.spec_problems(needed) + hf.spec_problems(others, check_models=False)
+    if problems:
+        raise UsageError(f"{source}: " + "; ".join(problems))
+    try:
+        return registry.build_tools(needed)
+    except MissingWeightsError as err:
+        raise UsageError(str(err)) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{source}: {err.args[0] if err.args else err}") from None
+
+
 def _run_tool(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", 0):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars on stderr
@@ -103,18 +202,23 @@ def _run_tool(args: argparse.Namespace) -> int:
         image = None
     try:
         arguments = parse_assignments(assignments)
-        spec = load_profile(args.profile)
-        spec.setdefault(args.name, {})
-        tool = registry.build_tools(spec)[args.name]
-    except (ValueError, KeyError) as err:
-        print(f"toolvlm tool: {err.args[0] if err.args else err}", file=sys.stderr)
+        problem = check_out_dir(args.out or DEFAULT_OUT)
+        if problem:
+            raise UsageError(problem)
+        tool = _tools_for(args.name, args.profile)[args.name]
+        shown = dict(arguments)
+        if image not in (None, "-"):
+            params = image_parameters(tool.inputs)
+            if not params:
+                raise UsageError(f"{args.name} takes no image; use '-' for IMAGE")
+            if params[0] in arguments:
+                raise UsageError(f"the image is given twice: as IMAGE and as {params[0]}=")
+            arguments[params[0]] = imaging.load_image(image)  # before any model loads
+            shown[params[0]] = image
+        arguments = tool.validate(arguments)
+    except (UsageError, ToolInputError) as err:
+        print(f"toolvlm tool: {err}", file=sys.stderr)
         return 2
-    if image not in (None, "-"):
-        params = image_parameters(tool.inputs)
-        if not params:
-            print(f"toolvlm tool: {args.name} takes no image; use '-' for IMAGE", file=sys.stderr)
-            return 2
-        arguments.setdefault(params[0], image)
     try:
         output = tool(**arguments)
     except MissingWeightsError as err:
@@ -122,16 +226,21 @@ def _run_tool(args: argparse.Namespace) -> int:
         return 2
     paths = []
     if output.images:
-        folder = Path(args.out or DEFAULT_OUT)
-        folder.mkdir(parents=True, exist_ok=True)
-        for picture in output.images:
-            path = _unique(folder, args.name)
-            picture.save(path)
-            paths.append(str(path))
+        folder = Path(args.out or DEFAULT_OUT).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for picture in output.images:
+                path = _unique(folder, args.name)
+                picture.save(path)
+                paths.append(str(path))
+        except OSError as err:
+            print(output.content)
+            print(f"toolvlm tool: cannot write the image to {str(folder)!r}: {err}", file=sys.stderr)
+            return 1
     if args.json:
         shown = {
             k: (str(v) if not isinstance(v, int | float | str | list | dict | bool) else v)
-            for k, v in arguments.items()
+            for k, v in shown.items()
         }
         print(json.dumps({"tool": args.name, "arguments": shown, **output.to_dict(paths)}))
     else:

@@ -11,13 +11,14 @@ returned.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from PIL import Image
 
 from toolvlm.tools import imaging
 from toolvlm.tools.base import Tool, ToolOutput
 from toolvlm.tools.detectors import make_detector
-from toolvlm.tools.grounding import IMAGE_PARAM, GroundingTool, locate, split_phrases
+from toolvlm.tools.grounding import IMAGE_PARAM, MAX_PHRASE_CHARS, GroundingTool, locate, split_phrases
 
 DEFAULT_THRESHOLD = 0.2  # without one given or shipped with the weights (detectors.CALIBRATION)
 
@@ -34,7 +35,11 @@ class CounterTool(Tool):
         "type": "object",
         "properties": {
             "image": {**IMAGE_PARAM, "description": "the image to count in (a handle such as img_0)"},
-            "phrase": {"type": "string", "description": "what to count, e.g. 'person'"},
+            "phrase": {
+                "type": "string",
+                "maxLength": MAX_PHRASE_CHARS,
+                "description": "what to count, e.g. 'person'",
+            },
             "threshold": {
                 "type": "number",
                 "minimum": 0,
@@ -78,6 +83,12 @@ class CounterTool(Tool):
         self.contain = contain
         self.tile_size = tile_size
         self.max_side = max_side
+
+    def validate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base checks, then the phrase's (empty, wordless, too many), before any weights load."""
+        arguments = super().validate(kwargs)
+        split_phrases(arguments["phrase"])
+        return arguments
 
     def setup(self) -> None:
         """Load the detector's weights."""

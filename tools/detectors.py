@@ -140,7 +140,7 @@ class OwlDetector(Detector):
             else transformers.OwlViTForObjectDetection
         )
         self.processor = transformers.AutoProcessor.from_pretrained(folder)
-        self.model = hf.place(cls.from_pretrained(folder), self.device, self.dtype)
+        self.model = hf.place(cls.from_pretrained(folder, use_safetensors=True), self.device, self.dtype)
 
     def _pixels(self, image: Image.Image) -> dict[str, Any]:
         return {"images": image}
@@ -248,7 +248,7 @@ class GroundingDinoDetector(Detector):
         import transformers
 
         self.processor = transformers.AutoProcessor.from_pretrained(folder)
-        model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder)
+        model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder, use_safetensors=True)
         if model.config.model_type != "grounding-dino":
             raise ValueError(
                 f"backend 'grounding_dino' got a {model.config.model_type!r} checkpoint in {folder}"

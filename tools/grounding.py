@@ -60,12 +60,27 @@ class Located:
         }
 
 
+# a phrase is a few words: longer text is a mistake (and every phrase is one more detector query)
+MAX_PHRASE_CHARS = 500
+MAX_PHRASES = 16
+
+
 def split_phrases(phrase: str) -> list[str]:
-    """Phrases separated by ';' (a referring expression may contain commas and 'and'); rejects empty input."""
-    phrases = [p.strip() for p in phrase.split(";") if p.strip()]
+    """Phrases separated by ';' (a referring expression may contain commas and 'and'), repeats dropped; rejects
+    empty input and more than MAX_PHRASES phrases (each is a query of its own)."""
+    phrases = list(dict.fromkeys(p.strip() for p in phrase.split(";") if p.strip()))
     if not phrases:
         raise ToolInputError(
             "the phrase is empty; give a short noun phrase such as 'person' or 'the red car'"
+        )
+    wordless = [p for p in phrases if not any(c.isalnum() for c in p)]
+    if wordless:
+        raise ToolInputError(
+            f"the phrase {wordless[0]!r} has no letters; give a short noun phrase such as 'person' or 'the red car'"
+        )
+    if len(phrases) > MAX_PHRASES:
+        raise ToolInputError(
+            f"{len(phrases)} phrases separated by ';'; at most {MAX_PHRASES} in one call, split them over calls"
         )
     return phrases
 
@@ -158,6 +173,7 @@ class GroundingTool(Tool):
             "image": IMAGE_PARAM,
             "phrase": {
                 "type": "string",
+                "maxLength": MAX_PHRASE_CHARS,
                 "description": "what to find, e.g. 'the tree'; several: 'dog; frisbee'",
             },
             "threshold": {
@@ -199,6 +215,12 @@ class GroundingTool(Tool):
         self.max_boxes = max_boxes
         self.geometry = geometry  # resolve position words and landmarks (referring.py); off for a detector
         # that reads whole referring expressions itself
+
+    def validate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base checks, then the phrase's (empty, wordless, too many), before any weights load."""
+        arguments = super().validate(kwargs)
+        split_phrases(arguments["phrase"])
+        return arguments
 
     def setup(self) -> None:
         """Load the detector's weights."""

