@@ -133,13 +133,19 @@ def add_openai_routes(app: FastAPI) -> None:
         _, text, images = parsed[last_user]
         check_question(text, config)
         session_id = body.get("toolvlm_session")
-        if session_id is None:
+        created = session_id is None
+        if created:
             session_id = manager.create()
             await run_in_threadpool(_replay, manager, session_id, parsed[:last_user])
         elif not isinstance(session_id, str) or not manager.exists(session_id):
             raise ServeError(404, "session_not_found", f"no session {session_id!r}")
         base = str(request.base_url).rstrip("/")
-        handle = runner.start(TurnRequest(session_id, text, images, base))
+        try:
+            handle = runner.start(TurnRequest(session_id, text, images, base))
+        except ServeError:
+            if created:  # refused (e.g. 429): leave no folder behind for a conversation that never started
+                manager.discard(session_id)
+            raise
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": reply_id, "created": created, "model": model_name, "toolvlm_session": session_id}
         if body.get("stream"):

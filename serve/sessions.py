@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -197,6 +198,11 @@ class SessionManager:
         """Drop a session's cached Assistant (it is read back from its folder next time)."""
         with self._guard:
             self._assistants.pop(session_id, None)
+
+    def discard(self, session_id: str) -> None:
+        """Delete a session folder this server just made and never ran a turn in."""
+        self.forget(session_id)
+        shutil.rmtree(self.folder(session_id), ignore_errors=True)
 
     def image_path(self, session_id: str, handle: str) -> Path:
         """The PNG of an image handle of a session, or a 404."""

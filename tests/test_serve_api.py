@@ -291,3 +291,51 @@ def test_concurrent_clients_keep_every_session_whole(tmp_path):
         tools = [s.name for s in trajectory if isinstance(s, ToolStep)]
         assert tools == ["grounding", "counter", "grounding"] and trajectory.turn_finished()
         assert memory.handles == ["img_0", "img_1", "img_2"] and memory.get("img_0").width == 40 + 8 * i
+
+
+def test_serve_command_line_options_and_a_bad_profile(capsys):
+    from toolvlm.cli import build_parser, main
+    from toolvlm.serve.cli import config_from_args
+
+    args = build_parser(["serve"]).parse_args(
+        [
+            "serve",
+            "--port",
+            "9123",
+            "--workers",
+            "3",
+            "--queue",
+            "0",
+            "--max-image-mb",
+            "1.5",
+            "--turn-timeout",
+            "7",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.host, config.port, config.workers, config.queue) == ("127.0.0.1", 9123, 3, 0)
+    assert config.max_image_bytes == 1_572_864 and config.turn_timeout_s == 7.0
+    assert main(["serve", "--profile", "/nonexistent/profile.yaml"]) == 2
+    assert "toolvlm serve:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        ServeConfig.from_dict({"workers": 0})
+
+
+def test_load_benchmark_reports_whole_sessions():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--clients", "3", "--requests", "3", "--stream-every", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["ok"] == 9 and figures["errors"] == {} and figures["unexplained_5xx"] == 0
+    assert figures["sessions"] == figures["session_folders"] == 3
+    assert figures["lost_sessions"] == 0 and figures["corrupted_sessions"] == 0
+    assert 0 < figures["p50_s"] <= figures["p95_s"]
