@@ -78,7 +78,7 @@ def test_four_workflow_questions_in_the_browser(browser, tmp_path):
 
     profile = default_profile()
     models = SharedModels.wrap(
-        WorkflowController(generator_steps=10), build_tools(profile.tools), {"max_steps": 4}
+        WorkflowController(generator_steps=4), build_tools(profile.tools), {"max_steps": 4}
     )
     scene, annotations = demo_scene()
     image_path = tmp_path / "crowd.png"
