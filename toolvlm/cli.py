@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("toolvlm.finetune.world_cli", "sample or render scenes of the procedurally drawn world"),
     "finetune": ("toolvlm.finetune.cli", "train a VLM controller from a YAML recipe (key=value overrides)"),
     "eval": ("toolvlm.finetune.eval_cli", "evaluate the world models or the controller"),
+    "serve": ("toolvlm.serve.cli", "serve a web page and an OpenAI-compatible API (loopback by default)"),
     "demo": ("toolvlm.finetune.demo", "run the four-step crowd demo (describe, box, count, generate)"),
 }
 
