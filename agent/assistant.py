@@ -8,7 +8,11 @@
         ...
 
 An Assistant is an `Agent` (loop.py) with a profile's controller and tools, and a session folder when asked
-for one (`session=DIR` resumes what the folder holds). It adds no behaviour of its own.
+for one (`session=DIR` resumes what the folder holds). It adds one behaviour: with an out-of-domain check (a
+profile's `domain: {stats: FILE}`, as the default bundle has; tools/domain.py), a turn whose attached image is not
+from the world the models were trained on is answered plainly, without running the controller: the models know
+only their drawn world, and real checkpoints come with a profile (`OUT_OF_DOMAIN`; the turn ends with finish
+"out_of_domain", and the image stays in the session). `DOMAIN_NOTE` says the same for a chat banner.
 """
 
 from __future__ import annotations
@@ -22,12 +26,26 @@ from typing import Any
 from PIL import Image
 
 from .events import AnswerEvent, Event
-from .loop import Agent, AgentConfig
+from .loop import Agent, AgentConfig, load_image_file
 from .profiles import Profile, build_controller, default_profile, load_profile
 from .session import SessionStore
-from .trajectory import Step, Trajectory
+from .trajectory import EndStep, Step, Trajectory, UserStep
 
 logger = logging.getLogger(__name__)
+
+EXAMPLE_PROFILE = "examples/profiles/llava15-owlv2-blip-sdturbo.yaml"
+OUT_OF_DOMAIN = (
+    "{which} does not look like the drawn world the default models were trained on (flat-coloured people, "
+    "trees, dogs, cars, houses and the like on a park, grass or street), so I cannot describe, count or edit it "
+    "reliably: the default models know only that world. For real photographs, use real checkpoints through a "
+    f"profile, e.g. `toolvlm chat --profile {EXAMPLE_PROFILE}` or "
+    f'`Assistant.from_profile("{EXAMPLE_PROFILE}")` (README: Profiles for real checkpoints).'
+)
+DOMAIN_NOTE = (
+    "The default models know only their drawn world (flat-coloured scenes of people, trees, dogs, cars, ...); "
+    "photographs are recognised and declined. For real images use real checkpoints: "
+    f"--profile {EXAMPLE_PROFILE}"
+)
 
 
 @dataclass
@@ -39,7 +57,7 @@ class Reply:
     images: list[Image.Image] = field(default_factory=list)
     handles: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)  # where those images are saved (with a session)
-    finish: str = "answer"  # or "step_limit", "retries"
+    finish: str = "answer"  # or "step_limit", "retries", "out_of_domain"
 
 
 class Assistant:
@@ -53,6 +71,7 @@ class Assistant:
         config: AgentConfig | Mapping[str, Any] | None = None,
         session: str | Path | SessionStore | None = None,
         profile: Profile | None = None,
+        domain: Any = None,
     ):
         if not isinstance(config, AgentConfig):
             config = AgentConfig.from_dict(config)
@@ -61,6 +80,7 @@ class Assistant:
             session = SessionStore(session, meta=meta)
         self.profile = profile
         self.agent = Agent(controller, tools, config, session)
+        self.domain = domain  # a tools.domain.DomainCheck, or None: no check
 
     @classmethod
     def from_profile(
@@ -83,7 +103,12 @@ class Assistant:
 
             tools = build_tools(parsed.tools)
         controller = build_controller(parsed.controller)
-        return cls(controller, tools, config=options, session=session, profile=parsed)
+        domain = None
+        if parsed.domain.get("stats"):
+            from toolvlm.tools.domain import DomainCheck
+
+            domain = DomainCheck.from_file(parsed.domain["stats"], device=parsed.domain.get("device", "cpu"))
+        return cls(controller, tools, config=options, session=session, profile=parsed, domain=domain)
 
     @classmethod
     def default(cls, session: str | Path | None = None, **agent_options: Any) -> Assistant:
@@ -94,11 +119,32 @@ class Assistant:
 
     def stream(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> Iterator[Event]:
         """Yield the events of one turn: tokens, tool calls, tool results, and the answer last."""
-        return self.agent.run(text, images)
+        loaded = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        foreign = self.foreign_images(loaded)
+        if foreign:
+            return self._decline(text, loaded, foreign)
+        return self.agent.run(text, loaded)
 
     def chat(self, text: str, images: Sequence[Image.Image | str | Path] = ()) -> Reply:
         """Run one turn and return its Reply."""
-        return self._collect(self.agent.run(text, images))
+        return self._collect(self.stream(text, images))
+
+    def foreign_images(self, images: Sequence[Image.Image]) -> list[int]:
+        """Positions of the images the out-of-domain check finds foreign (none without a check)."""
+        if self.domain is None or not images:
+            return []
+        return [i for i, image in enumerate(images) if not self.domain.check(image).in_domain]
+
+    def _decline(self, text: str, images: list[Image.Image], foreign: list[int]) -> Iterator[Event]:
+        """The turn recorded (its images kept in the session) and answered with OUT_OF_DOMAIN, no controller."""
+        handles = [self.agent.add_image(image, "user") for image in images]
+        names = [handles[i] for i in foreign]
+        which = f"This image ({names[0]})" if len(names) == 1 else f"These images ({', '.join(names)})"
+        answer = OUT_OF_DOMAIN.format(which=which)
+        self.agent._record(UserStep(text=text, images=handles))
+        self.agent._record(EndStep(finish="out_of_domain", text=answer))
+        logger.info("declined a turn: %s out of domain", ", ".join(names))
+        yield AnswerEvent(answer, list(self.agent.trajectory.current_turn()), [], "out_of_domain")
 
     def resume(self) -> Reply | None:
         """Finish a turn a crash interrupted (None when the last turn is complete)."""
@@ -124,6 +170,11 @@ class Assistant:
     def reset(self) -> None:
         """Start a new conversation (the session folder keeps the old one)."""
         self.agent.reset()
+
+    @property
+    def domain_note(self) -> str | None:
+        """What a chat banner should say about the models' world (DOMAIN_NOTE), when the profile has the check."""
+        return DOMAIN_NOTE if self.domain is not None else None
 
     # -- state --------------------------------------------------------------------------------------------
 

@@ -44,16 +44,19 @@ class Profile:
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
+    domain: dict[str, Any] = field(
+        default_factory=dict
+    )  # out-of-domain check: {stats: FILE}, tools/domain.py
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> Profile:
         """Parse and shape-check a profile mapping."""
         if not isinstance(data, dict):
             raise ProfileError(f"profile {source}: expected a mapping with 'controller:' and 'tools:'")
-        unknown = sorted(set(data) - {"controller", "tools", "agent", "description"})
+        unknown = sorted(set(data) - {"controller", "tools", "agent", "description", "domain"})
         if unknown:
             raise ProfileError(
-                f"profile {source}: unknown key(s) {unknown}; keys are controller, tools, agent"
+                f"profile {source}: unknown key(s) {unknown}; keys are controller, tools, agent, domain"
             )
         controller = data.get("controller")
         if not isinstance(controller, dict):
@@ -66,7 +69,11 @@ class Profile:
         agent = data.get("agent") or {}
         if not isinstance(agent, dict):
             raise ProfileError(f"profile {source}: 'agent:' must be a mapping of agent options")
-        return cls(dict(controller), {k: dict(v or {}) for k, v in tools.items()}, dict(agent), source)
+        domain = data.get("domain") or {}
+        if not isinstance(domain, dict):
+            raise ProfileError(f"profile {source}: 'domain:' must be a mapping (stats: FILE)")
+        tools = {k: dict(v or {}) for k, v in tools.items()}
+        return cls(dict(controller), tools, dict(agent), source, dict(domain))
 
 
 def search_dirs() -> list[Path]:
@@ -159,7 +166,10 @@ def _resolve_models(profile: Profile, folder: Path) -> Profile:
         return {**spec, "model": resolve_model(spec["model"], folder)} if "model" in spec else spec
 
     tools = {name: resolve(options) for name, options in profile.tools.items()}
-    return Profile(resolve(profile.controller), tools, profile.agent, profile.source)
+    domain = profile.domain
+    if isinstance(domain.get("stats"), str) and (folder / domain["stats"]).exists():
+        domain = {**domain, "stats": str(folder / domain["stats"])}
+    return Profile(resolve(profile.controller), tools, profile.agent, profile.source, domain)
 
 
 def build_controller(spec: dict[str, Any]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from toolvlm.tools.base import ToolInputError
-from toolvlm.tools.count_change import CountChange, numbers_in_words, parse_change, target_count
+from toolvlm.tools.count_change import MAX_COUNT, CountChange, numbers_in_words, parse_change, target_count
 from toolvlm.tools.layout import Layout, edit_layout
 
 WORDS = [
@@ -61,6 +61,26 @@ def test_number_words_become_digits_inside_words_only():
 def test_unreadable_changes_are_input_errors_that_say_what_works(bad):
     with pytest.raises(ToolInputError, match="double|x2|number"):
         parse_change(bad)
+
+
+def test_negative_factors_and_huge_targets_are_input_errors_that_say_what_to_do():
+    with pytest.raises(ToolInputError, match="cannot be negative.*'-5'"):
+        parse_change(-5)  # a factor of -5 would silently empty the scene
+    assert parse_change(0) == CountChange("x", 0.0)  # a factor of 0 removes all, as asked
+    with pytest.raises(ToolInputError, match="finite"):
+        parse_change(float("nan"))
+    for change in ("=10000", 1000, "+500", "ten thousand people in total"):
+        with pytest.raises(ToolInputError, match=f"at most {MAX_COUNT}"):
+            target_count(change, 3)
+    assert target_count(f"={MAX_COUNT}", 3) == MAX_COUNT
+
+
+def test_removing_more_than_there_are_is_noted():
+    layout = Layout(100, 100, [[0, 50, 10, 80], [20, 50, 30, 80]], ["person", "person"])
+    edited, notes = edit_layout(layout, {"person": "-5"})
+    assert edited.counts() == {} and notes == [
+        "asked to remove 5 'person' but the reference has 2: all removed"
+    ]
 
 
 def test_edit_layout_takes_words_and_notes_a_factor_on_an_absent_label():

@@ -78,7 +78,7 @@ def test_similar_image_doubles_people(scene, tiny_models):
     reference = scene(96, 64)
     out = generator(image=reference, changes={"person": 2.0}, objects=["tree"], seed=5)
     assert not out.error, out.content
-    before, after = out.artifact["counts_before"], out.artifact["counts_after"]
+    before, after = out.artifact["counts_before"], out.artifact["counts_planned"]
     assert before["person"] > 0 and after["person"] == 2 * before["person"]
     assert after["tree"] == before["tree"]
     assert out.artifact["mode"] == "similar"
@@ -87,7 +87,8 @@ def test_similar_image_doubles_people(scene, tiny_models):
     again = generator(image=reference, changes={"person": 2.0}, objects=["tree"], seed=5)
     assert _same(out.images[0], again.images[0])
     fewer = generator(image=reference, changes={"person": "-1"}, objects=["tree"], seed=5)
-    assert fewer.artifact["counts_after"]["person"] == before["person"] - 1
+    assert fewer.artifact["counts_planned"]["person"] == before["person"] - 1
+    assert out.artifact["counts_counted"] is None and "planned, not counted" in out.content  # no counter
     bad = generator(image=reference, changes={"person": "lots"})
     assert bad.error and "'+3'" in bad.content
     everything = generator(image=reference, changes={"people": 2.0}, seed=5)  # no objects: keep all it knows
@@ -95,6 +96,65 @@ def test_similar_image_doubles_people(scene, tiny_models):
     labels = set(everything.artifact["layout"]["labels"])
     assert labels & {"tree", "dog"}, labels  # not asked for, kept (the tiny detector finds no people)
     assert "person" not in everything.artifact["counts_before"]  # 'people' covers it: asked for once
+
+
+class _FixedCounter:
+    """A scripted counter: reports `counts` for whatever image it is given, and records the phrases asked."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts, self.asked = counts, []
+
+    def __call__(self, image, phrase):
+        from toolvlm.tools.base import ToolOutput
+
+        self.asked.append((image.size, phrase))
+        per_label = {p.strip(): self.counts.get(p.strip(), 0) for p in phrase.split(";")}
+        return ToolOutput(content="counted", artifact={"per_label": per_label})
+
+
+def test_the_generated_image_is_recounted_and_the_text_reports_what_was_counted(scene, tiny_models):
+    tools = build_tools(
+        {
+            "grounding": {"backend": "owlvit", "model": str(tiny_models("owlvit")), "threshold": 0.0},
+            "counter": {},
+            "generator": {"backend": "inhouse", "model": str(tiny_models("inhouse_generator")), "steps": 1},
+        }
+    )
+    assert tools["generator"].counter is tools["counter"]  # build_tools links the counter
+    generator = tools["generator"]
+    out = generator(image=scene(96, 64), changes={"person": "+2"}, objects=["tree"], seed=5)
+    assert not out.error, out.content
+    counted = out.artifact["counts_counted"]
+    assert set(counted) == set(out.artifact["counts_planned"]) == {"person", "tree"}
+    direct = tools["counter"](image=out.images[0], phrase="person; tree").artifact["per_label"]
+    assert counted == direct  # the figures are the counter's on the generated image, not the plan
+    # a scripted counter that disagrees with the plan: its figures are reported, and the difference named
+    generator.counter = _FixedCounter({"person": 1, "tree": 0})
+    layout = generator(
+        boxes=[[0, 0, 10, 20], [12, 0, 22, 20], [30, 5, 60, 60]], phrases=["person"] * 2 + ["tree"]
+    )
+    assert layout.artifact["counts_planned"] == {"person": 2, "tree": 1}
+    assert layout.artifact["counts_counted"] == {"person": 1, "tree": 0}
+    assert "counted in the new image: 1 person, 0 tree" in layout.content
+    assert "differs from the plan for person, tree" in layout.content
+    assert generator.counter.asked == [(layout.images[0].size, "person; tree")]
+
+
+def test_count_caps_and_negative_factors_are_clear_input_errors(scene, tiny_models):
+    tools = build_tools(
+        {
+            "grounding": {"backend": "owlvit", "model": str(tiny_models("owlvit")), "threshold": 0.0},
+            "generator": {"backend": "inhouse", "model": str(tiny_models("inhouse_generator")), "steps": 1},
+        }
+    )
+    generator = tools["generator"]
+    negative = generator(image=scene(96, 64), changes={"person": -5})
+    assert negative.error and "cannot be negative" in negative.content and "'-5'" in negative.content
+    huge = generator(image=scene(96, 64), changes={"person": "=10000"})
+    assert huge.error and "at most 200" in huge.content
+    prompt = generator(prompt="ten thousand people")  # no hundreds in words: read as 10 and 1000
+    assert not prompt.error or "at most 200" in prompt.content
+    assert "at most 200" in generator(prompt="5000 people").content
 
 
 def test_similar_image_needs_grounding(scene, tiny_models):

@@ -11,21 +11,17 @@ This module knows English count words and arithmetic on counts; nothing of image
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from toolvlm.tools.base import ToolInputError
+from toolvlm.tools.number_words import words_to_digits
 
 SYMBOLIC = re.compile(r"^\s*(?P<op>[x*+\-=]?)\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*$")
-
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]  # fmt: skip
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
-         "ninety": 90}  # fmt: skip
-_NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | _TENS | {"a dozen": 12, "dozen": 12}
-_COMPOUND = re.compile(rf"\b({'|'.join(_TENS)})[\s-]+({'|'.join(_UNITS[1:10])})\b")
-_SINGLE = re.compile(r"\b(" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True)) + r")\b")
-_PAIRS = re.compile(r"\b(a couple of|a couple|a pair of|a pair)\b")
+# the most instances of one object a change may ask for: more is no picture a layout model can draw, and placing
+# them one by one would run for minutes (`{"person": "=10000"}`)
+MAX_COUNT = 200
 N = r"(\d+(?:\.\d+)?)"
 _REMOVE = r"(?:remove|minus|take away|subtract|delete|drop|without|lose|get rid of|leave out)"
 
@@ -60,22 +56,30 @@ class CountChange:
     number: float
 
     def apply(self, current: int) -> int:
-        """The count after this change to `current`."""
+        """The count after this change to `current`; ToolInputError past MAX_COUNT."""
         if self.op == "x":
-            return max(0, round(current * self.number))
-        if self.op == "+":
-            return current + round(self.number)
-        if self.op == "-":
-            return max(0, current - round(self.number))
-        return max(0, round(self.number))
+            target = current * self.number
+        elif self.op == "+":
+            target = current + self.number
+        elif self.op == "-":
+            target = current - self.number
+        else:
+            target = self.number
+        if target > MAX_COUNT:
+            raise ToolInputError(
+                f"the change {self.text()} would make {target:g} of an object (from {current}); at most "
+                f"{MAX_COUNT} of one object can be drawn"
+            )
+        return max(0, round(target))
+
+    def text(self) -> str:
+        """The change in symbols ('x2', '+3', '=10')."""
+        return f"{self.op}{self.number:g}"
 
 
 def numbers_in_words(text: str) -> str:
     """`text` lower-cased with number words as digits ('twenty-five' -> '25', 'a dozen' -> '12')."""
-    text = " ".join(text.lower().split())
-    text = _COMPOUND.sub(lambda m: str(_TENS[m.group(1)] + _UNITS.index(m.group(2))), text)
-    text = _PAIRS.sub("2", text)
-    return _SINGLE.sub(lambda m: str(_NUMBER_WORDS[m.group(1)]), text)
+    return words_to_digits(text)
 
 
 def parse_change(change: float | int | str) -> CountChange:
@@ -85,6 +89,13 @@ def parse_change(change: float | int | str) -> CountChange:
             f"a count change must be a number or text like 'x2', '+3', '=10' or 'double', got {change!r}"
         )
     if isinstance(change, int | float):
+        if not math.isfinite(change):
+            raise ToolInputError(f"a count change must be a finite number, got {change!r}")
+        if change < 0:  # read as a factor it would silently empty the scene
+            raise ToolInputError(
+                f"a count factor cannot be negative ({change:g}); to remove {-change:g}, pass '-{-change:g}' "
+                f"(a string) or '{-change:g} fewer'; to remove all, pass '=0'"
+            )
         return CountChange("x", float(change))
     text = str(change)
     match = SYMBOLIC.match(text)

@@ -4,6 +4,10 @@ The mode follows from the arguments: a reference `image` -> similar image (the g
 objects named in `changes` and `objects`, layout.py edits the layout, the backend renders it); else `boxes` with
 `phrases` -> layout-to-image; else `prompt` -> text-to-image. Backends are in image_backends.py. Seeded and
 deterministic: the same arguments and seed give the same image.
+
+Counts in the result are measured, not planned: with a counter tool (build_tools links the profile's counter),
+the generated image of a similar-image or layout request is counted again for every object of the plan, and the
+text reports both the planned and the counted figures; without one it says the figures are only planned.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class GeneratorTool(Tool):
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         grounding: Tool | None = None,
+        counter: Tool | None = None,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
         self.backend_name = backend
@@ -111,6 +116,7 @@ class GeneratorTool(Tool):
         self.backend = make_backend(backend, model=model, device=device, dtype=dtype, **options)
         self.steps = steps
         self.grounding = grounding
+        self.counter = counter
 
     def setup(self) -> None:
         """Load the generator's weights."""
@@ -184,13 +190,17 @@ class GeneratorTool(Tool):
         labels = [self.backend.canonical(p) for p in phrases]
         layout = Layout(w, h, checked, labels)
         image = self.backend.layout(prompt, layout, seed, steps)
+        planned = layout.counts()
+        counted, how = self.recount(image, planned)
         info = {
             "mode": "layout",
             "prompt": prompt,
             "layout": layout.to_dict(),
             "layout_used": self.backend.supports_layout,
+            "counts_planned": planned,
+            "counts_counted": counted,
         }
-        return image, info, f"from a layout of {len(boxes)} box(es)"
+        return image, info, f"from a layout of {len(boxes)} box(es); {how}"
 
     def _similar(
         self,
@@ -228,16 +238,38 @@ class GeneratorTool(Tool):
         image = self.backend.layout(prompt, canvas, seed, steps)
         counts_before, counts_after = before.counts(), edited.counts()
         phrases = [p for p in phrases if p in named or counts_before.get(p)]  # what was asked or found
+        planned = {k: counts_after.get(k, 0) for k in phrases}
+        counted, how = self.recount(image, planned)
         summary = ", ".join(f"{k} {counts_before.get(k, 0)} -> {counts_after.get(k, 0)}" for k in phrases)
         info = {
             "mode": "similar",
             "prompt": prompt,
             "changes": changes,
             "counts_before": {k: counts_before.get(k, 0) for k in phrases},
-            "counts_after": {k: counts_after.get(k, 0) for k in phrases},
+            "counts_planned": planned,
+            "counts_counted": counted,
             "layout": canvas.to_dict(),
             "layout_used": self.backend.supports_layout,
             "notes": notes,
         }
-        text = f"similar to the reference: {summary}" + ("; " + "; ".join(notes) if notes else "")
+        text = f"similar to the reference, planned {summary}; {how}" + (
+            "; " + "; ".join(notes) if notes else ""
+        )
         return image, info, text
+
+    def recount(self, image: Image.Image, planned: dict[str, int]) -> tuple[dict[str, int] | None, str]:
+        """Count the planned objects in the generated image with the counter: (counts or None, a short text)."""
+        if not planned:
+            return {}, "nothing to count"
+        if self.counter is None:
+            return None, "counts are planned, not counted (no counter tool to check the image)"
+        found = self.counter(image=image, phrase="; ".join(planned))
+        if found.error:
+            return None, f"counts are planned, not counted (the counter failed: {found.content})"
+        per_label = found.artifact.get("per_label", {})
+        counted = {k: int(per_label.get(k, 0)) for k in planned}
+        text = ", ".join(f"{n} {k}" for k, n in counted.items())
+        off = [k for k in planned if counted[k] != planned[k]]
+        return counted, f"counted in the new image: {text}" + (
+            f" (differs from the plan for {', '.join(off)})" if off else " (as planned)"
+        )

@@ -5,7 +5,7 @@ for a label is a factor (2.0, "x2", "double"), an offset ("+3", "3 more") or a t
 by count_change.py. Removing keeps a seeded random subset; adding places new boxes of the label's median size (or
 a default size when the label is absent) at the candidate position, among seeded random ones, that overlaps the
 existing boxes least.
-Everything is deterministic given the seed. No models, no torch.
+Everything is deterministic given the seed. No models, no torch. Counts are capped (count_change.MAX_COUNT).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
+
+import numpy as np
 
 from toolvlm.tools.count_change import parse_change
 
@@ -47,10 +49,11 @@ class Layout:
         }
 
 
-def _overlap(a: list[float], b: list[float]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(0.0, w) * max(0.0, h)
+def _overlaps(box: list[float], boxes: np.ndarray) -> float:
+    """The summed overlap area of `box` with each row of `boxes` (N, 4)."""
+    w = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
+    h = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
+    return float((np.clip(w, 0, None) * np.clip(h, 0, None)).sum())
 
 
 # Where a new object goes when the layout has none of its kind yet: (width, height) as fractions of the
@@ -81,19 +84,21 @@ def place_boxes(layout: Layout, label: str, n: int, rng: random.Random, candidat
     bw, bh = min(bw, layout.width), min(bh, layout.height)
     y_low = band[0] * layout.height
     y_high = max(y_low, band[1] * layout.height - bh)
+    placed = np.array(layout.boxes, dtype=np.float64).reshape(-1, 4)
     for _ in range(n):
         best, best_cost = None, float("inf")
         for _ in range(candidates):
             x0 = rng.uniform(0, layout.width - bw)
             y0 = rng.uniform(y_low, y_high)
             box = [x0, y0, x0 + bw, y0 + bh]
-            cost = sum(_overlap(box, other) for other in layout.boxes)
+            cost = _overlaps(box, placed)
             if cost < best_cost:
                 best, best_cost = box, cost
                 if cost == 0:
                     break
         layout.boxes.append(best)
         layout.labels.append(label)
+        placed = np.vstack([placed, best])
 
 
 def edit_layout(
@@ -114,6 +119,10 @@ def edit_layout(
             result.labels = [lab for i, lab in enumerate(result.labels) if i not in drop]
         elif target > current:
             place_boxes(result, label, target - current, rng)
+        if parsed.op == "-" and parsed.number > current > 0:
+            notes.append(
+                f"asked to remove {parsed.number:g} '{label}' but the reference has {current}: all removed"
+            )
         if current == 0 and parsed.op == "x":
             notes.append(f"no '{label}' found in the reference, so a factor changes nothing; use '+N' to add")
         elif current == 0 and target == 0:

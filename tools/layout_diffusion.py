@@ -39,6 +39,7 @@ from PIL import Image
 
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.layout import Layout
+from toolvlm.tools.number_words import words_to_digits
 
 SAMPLERS = ("ddim", "ddpm")
 IRREGULAR_PLURALS = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse"}
@@ -315,9 +316,11 @@ def default_boxes_for(counts: dict[str, int], size: int, seed: int) -> Layout:
 
 
 def counts_in_prompt(prompt: str, model: LayoutDiffusion) -> dict[str, int]:
-    """Categories named in a prompt with their counts ('3 people and a tree' -> {'person': 3, 'tree': 1})."""
-    numbers = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "ten": 10}
-    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    """Categories named in a prompt with their counts ('eight dogs and a tree' -> {'dog': 8, 'tree': 1});
+    a count past count_change.MAX_COUNT is a ToolInputError."""
+    from toolvlm.tools.count_change import MAX_COUNT
+
+    words = words_to_digits(prompt).replace(",", " ").replace(".", " ").split()
     counts: dict[str, int] = {}
     for i, word in enumerate(words):
         try:
@@ -325,6 +328,10 @@ def counts_in_prompt(prompt: str, model: LayoutDiffusion) -> dict[str, int]:
         except ToolInputError:
             continue
         before = words[i - 1] if i else ""
-        n = int(before) if before.isdigit() else numbers.get(before, 1)
+        n = int(before) if before.isdigit() else 1  # 'a dog', 'the tree', 'dogs': one
         counts[category] = counts.get(category, 0) + n
+    too_many = {c: n for c, n in counts.items() if n > MAX_COUNT}
+    if too_many:
+        asked = ", ".join(f"{n} {c}" for c, n in too_many.items())
+        raise ToolInputError(f"the prompt asks for {asked}; at most {MAX_COUNT} of one object can be drawn")
     return counts

@@ -4,7 +4,7 @@ Built-ins are recorded as "module:Class" strings, so listing tools imports only 
 torch, no weights). Other packages add tools through the entry-point group `toolvlm.tools`; an entry point may
 name a Tool subclass, a Tool instance, or a factory returning a Tool. `build_tools(spec)` builds the tools of a
 profile's `tools:` mapping and links tools that use another (the counter and the generator use the grounding
-tool's detector when they have no model of their own).
+tool's detector when they have no model of their own; the generator re-counts its images with the counter).
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def build_tools(spec: dict[str, dict[str, Any] | None]) -> dict[str, Tool]:
     tools: dict[str, Tool] = {}
     for name in order:
         options = spec[name]
+        if name == "generator" and "counter" in tools and "counter" not in options:
+            options["counter"] = tools["counter"]  # re-counts what it generated
         shares_detector = name == "counter" or (name == "captioner" and options.get("backend") == "grounded")
         if (shares_detector or name == "generator") and "grounding" in tools and "grounding" not in options:
             grounding = tools["grounding"]
