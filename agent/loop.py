@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 from PIL import Image
+
+from toolvlm.tools.base import ToolInputError, image_parameters, validate_arguments
 
 from .events import AnswerEvent, Event, TokenEvent, ToolCallEvent, ToolResultEvent
 from .memory import ImageMemory
@@ -42,7 +43,6 @@ from .trajectory import AssistantStep, EndStep, Step, ToolStep, Trajectory, User
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FORMAT = "image"
 MENTIONED_HANDLE = re.compile(r"\bimg_[0-9]+\b")
 EMPTY_REPLY = (
     f"the reply was empty: answer in words or call a tool (a reply never starts with {STOP_STRINGS[0]}, "
@@ -89,7 +89,6 @@ class AgentConfig:
 
 def load_image_file(path: str | Path) -> Image.Image:
     """An RGB image from a file the user gave; UserInputError (a ValueError) names the file and the problem."""
-    from toolvlm.tools.base import ToolInputError
     from toolvlm.tools.imaging import load_image
 
     path = Path(path).expanduser()
@@ -147,9 +146,6 @@ class Agent:
         self.trajectory, self.memory = (
             session.load() if session is not None else (Trajectory(), ImageMemory())
         )
-        self._validators = {
-            name: jsonschema.Draft202012Validator(tool.inputs) for name, tool in self.tools.items()
-        }
         self._grammar = None
         if self.config.tool_choice not in ("auto", "required"):
             raise ValueError(f"tool_choice must be 'auto' or 'required', got {self.config.tool_choice!r}")
@@ -398,60 +394,34 @@ class Agent:
 
     def run_arguments(self, call: ToolCall) -> dict[str, Any]:
         """The call's arguments as run: its image handle resolved by `resolve_image` (for the record)."""
-        props = self.tools[call.name].inputs.get("properties", {})
-        keys = [k for k, p in props.items() if k in call.arguments and p.get("format") == IMAGE_FORMAT]
+        keys = [k for k in image_parameters(self.tools[call.name].inputs) if k in call.arguments]
         if len(keys) != 1:
             return call.arguments
         return {**call.arguments, keys[0]: self.resolve_image(call.arguments[keys[0]])}
 
     def check_call(self, call: ToolCall) -> tuple[dict[str, Any] | None, str]:
-        """Check a call against its tool's schema and resolve image handles: (arguments, "") or (None, why)."""
+        """Check a call against its tool's schema (the tools' own validator) and resolve image handles:
+        (arguments, "") or (None, why)."""
         tool = self.tools.get(call.name)
         if tool is None:
             known = ", ".join(self.tools) or "none"
             return None, f"unknown tool {call.name!r}; tools are: {known}"
-        inputs = tool.inputs
-        props: dict[str, Any] = inputs.get("properties", {})
-        expected = describe_arguments(inputs)
-        unknown = sorted(set(call.arguments) - set(props))
-        if unknown:
-            return None, f"{call.name}: unknown argument(s) {unknown}; arguments are: {expected}"
-        errors = sorted(self._validators[call.name].iter_errors(call.arguments), key=lambda e: list(e.path))
-        if errors:
-            err = errors[0]
-            where = f"argument {'.'.join(map(str, err.path))!r}" if err.path else "arguments"
-            return None, f"{call.name}: {where}: {err.message}; arguments are: {expected}"
-        resolved = dict(call.arguments)
-        image_keys = [
-            k
-            for k, p in props.items()
-            if k in resolved and isinstance(p, dict) and p.get("format") == IMAGE_FORMAT
-        ]
-        for key in image_keys:
-            handle = resolved[key]
-            if handle not in self.memory:
-                return None, (
-                    f"{call.name}: argument {key!r}: unknown image {handle!r}; pass an image handle; "
+        named = [k for k in image_parameters(tool.inputs) if k in call.arguments]
+
+        def resolve(key: str, handle: Any) -> Image.Image:
+            if not isinstance(handle, str) or handle not in self.memory:
+                raise ToolInputError(
+                    f"argument {key!r}: unknown image {handle!r}; pass an image handle; "
                     f"{self.memory.describe_handles()}"
                 )
-            if len(image_keys) == 1:  # "the image" (a call over several images keeps the ones it names)
+            if len(named) == 1:  # "the image" (a call over several images keeps the ones it names)
                 handle = self.resolve_image(handle)
-            resolved[key] = self.memory.get(handle)
-        return resolved, ""
+            return self.memory.get(handle)
 
-
-def describe_arguments(inputs: dict[str, Any]) -> str:
-    """A short list of a schema's arguments with their types, required ones marked."""
-    required = set(inputs.get("required", []))
-    out = []
-    for key, prop in inputs.get("properties", {}).items():
-        kind = "image handle" if prop.get("format") == IMAGE_FORMAT else prop.get("type", "any")
-        if "enum" in prop:
-            kind = "one of " + "/".join(map(str, prop["enum"]))
-        out.append(
-            f"{key} ({'/'.join(kind) if isinstance(kind, list) else kind}{', required' if key in required else ''})"
-        )
-    return ", ".join(out) or "none"
+        try:
+            return validate_arguments(tool.inputs, call.arguments, image=resolve), ""
+        except ToolInputError as err:
+            return None, f"{call.name}: {err}"
 
 
 def _trailing_failures(turn: list[Step]) -> int:

@@ -208,7 +208,9 @@ def write_profile(out: Path) -> Path:
         tools["counter"] = {}
     if (out / "generator").is_dir():
         tools["generator"] = {"backend": "inhouse", "model": "generator"}
-    if (out / "detector").is_dir():  # captions written from what the detector finds (tools/grounded_caption.py)
+    if (
+        out / "detector"
+    ).is_dir():  # captions written from what the detector finds (tools/grounded_caption.py)
         tools["captioner"] = {"backend": "grounded", "vocabulary": list(CATEGORIES)}
     profile = {
         "description": "the default bundle: world-trained controller (SmolLM2-135M-Instruct + LoRA) and tools",
@@ -222,6 +224,8 @@ def write_profile(out: Path) -> Path:
             "max_new_tokens": 160,  # the longest world paragraph; a looping reply stops sooner
         },
     }
+    if (out / "domain.safetensors").is_file():  # the out-of-domain check (toolvlm.tools.domain)
+        profile["domain"] = {"stats": "domain.safetensors"}
     path = out / "profile.yaml"
     header = "# Written by toolvlm.finetune.export_bundle; model paths are relative to this folder.\n"
     path.write_text(header + yaml.safe_dump(profile, sort_keys=False))

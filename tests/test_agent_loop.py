@@ -104,7 +104,7 @@ def test_unknown_tool_invalid_arguments_and_unknown_handle(agent_tools, agent_im
     reply = Assistant(controller, agent_tools).chat("?", images=[agent_image])
     errors = [s.content for s in reply.steps if isinstance(s, ToolStep)]
     assert errors[0] == "unknown tool 'detect'; tools are: counter, grounding, broken"
-    assert "'phrase' is a required property" in errors[1] and "phrase (string, required)" in errors[1]
+    assert "missing required argument(s) ['phrase']" in errors[1] and "phrase (string, required)" in errors[1]
     assert "unknown image 'img_7'" in errors[2] and "img_0 (from user)" in errors[2]
     assert "phrase is empty" in errors[3]  # the tool's own ToolInputError
     assert all(s.error for s in reply.steps if isinstance(s, ToolStep))

@@ -226,7 +226,9 @@ def test_a_stalled_stream_times_out_with_a_message():
     )
 
 
-def test_a_failed_stream_fails_the_agent_and_the_cli_instead_of_an_empty_answer(agent_tools, tmp_path):
+def test_a_failed_stream_fails_the_agent_and_the_cli_instead_of_an_empty_answer(
+    agent_tools, tmp_path, capsys
+):
     with ChatServer([Reply(text_reply("The tr").chunks, end="eof")]) as server:
         bot = Assistant(
             OpenAIController(server.url, model="m", timeout=5), agent_tools, session=tmp_path / "s"
@@ -240,19 +242,22 @@ def test_a_failed_stream_fails_the_agent_and_the_cli_instead_of_an_empty_answer(
         )
         image = tmp_path / "x.png"
         Image.new("RGB", (32, 32)).save(image)
-        with pytest.raises(ControllerError, match="after 0 chunk"):
-            main(
-                [
-                    "ask",
-                    str(image),
-                    "how many?",
-                    "--json",
-                    "--profile",
-                    str(profile),
-                    "--out",
-                    str(tmp_path / "o"),
-                ]
-            )
+        code = main(
+            [
+                "ask",
+                str(image),
+                "how many?",
+                "--json",
+                "--profile",
+                str(profile),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    # the turn ends with finish "error" and a non-zero exit, never an empty answer with exit 0
+    report = json.loads(capsys.readouterr().out)
+    assert code == 3 and report["finish"] == "error" and report["answer"] == ""
+    assert "after 0 chunk" in report["error"] and server.url in report["error"]
 
 
 def test_http_errors_name_the_server_and_status():
