@@ -86,6 +86,9 @@ class ChatREPL:
         if len(self.assistant.trajectory):
             n_images = len(self.assistant.handles)
             self.say(f"resumed {len(self.assistant.trajectory)} steps and {n_images} images")
+        note = self.assistant.domain_note  # with a domain check (the default bundle): what its models know
+        if note:
+            self.say(note)
         self.say("type /help for commands, Ctrl-D to leave")
         for path in images or []:
             self.cmd_image(path)

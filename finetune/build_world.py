@@ -43,8 +43,9 @@ from toolvlm.finetune.paraphrase import request
 from toolvlm.finetune.world import Scene, annotate, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle
 from toolvlm.finetune.world_scene import WorldConfig
-from toolvlm.finetune.world_text import NUMBER_WORDS, count_phrase, plural
+from toolvlm.finetune.world_text import count_phrase, plural
 from toolvlm.tools.count_change import target_count
+from toolvlm.tools.number_words import number_word
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +398,7 @@ class Planner:
             value, words = 2, CHANGES[self.phrasing][0][1]
         if target_count(value, n) > MAX_COUNT:  # beyond the world's crowds: a few more instead
             value, words = next((f"+{k}", w) for v, w in CHANGES[self.phrasing] if v == "+{n}")
-        number = NUMBER_WORDS[k] if self.rng.random() < 0.4 else str(k)
+        number = number_word(k) if self.rng.random() < 0.4 else str(k)
         change_text = words.format(x=plural(category), n=number)
         first = {"image": "img_0", "phrase": category}
         gen_args = {"image": "img_0", "changes": {category: change_text}}  # the user's words, passed on

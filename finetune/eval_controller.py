@@ -44,11 +44,11 @@ from toolvlm.finetune.shift_phrasings import FAMILY_NAMES, SHIFT_SEED, family_of
 from toolvlm.finetune.world import Scene, sample_scene, scene_seed
 from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
 from toolvlm.finetune.world_scene import CATEGORIES
-from toolvlm.finetune.world_text import NUMBER_WORDS as WORLD_NUMBER_WORDS
 from toolvlm.finetune.world_text import plural
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.count_change import parse_change
 from toolvlm.tools.imaging import iou
+from toolvlm.tools.number_words import first_number
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ TOOL_RULES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 NEGATIVE = re.compile(r"\b(no|not|none|nothing|cannot|can't|couldn't|could not|don't|do not)\b")
 POSITIVE = re.compile(r"\b(yes|yeah|there is|there are|i see|i can see|i found|found|here is|here are)\b")
 # number words a reply may use for a count: "zero" .. "twelve" (the world's captions spell counts up to 12)
-NUMBER_WORDS = {"zero": 0, **{w: i for i, w in enumerate(WORLD_NUMBER_WORDS[1:13], 1)}}
 
 
 def plan_eval(
@@ -109,10 +108,10 @@ def mentioned_categories(text: str) -> set[str]:
 def answer_number(text: str) -> int | None:
     """The first number in an answer (digits or a small number word), image handles ignored."""
     text = HANDLE.sub("", text.lower())
-    found = re.search(r"\b(\d+)\b|\b(" + "|".join(NUMBER_WORDS) + r")\b", text)
+    found = first_number(text)
     if found is None:
         return 0 if re.search(r"\bno\b", text) else None
-    return int(found.group(1)) if found.group(1) else NUMBER_WORDS[found.group(2)]
+    return found
 
 
 def presence_answer(text: str) -> bool | None:

@@ -34,6 +34,7 @@ from toolvlm.finetune.shift_scenes import ShiftConfig, compose_scene
 from toolvlm.finetune.world_scene import Scene
 from toolvlm.finetune.world_text import annotate, count_phrase, plural
 from toolvlm.tools.count_change import target_count
+from toolvlm.tools.number_words import number_word
 
 SHIFT_SEED = 737373  # the shifted set's seed: scenes are compose_scene(f"{seed}/{i}")
 MAX_TARGET = 60  # a generation request stays within crowds the world draws
@@ -101,7 +102,6 @@ CHANGES: list[tuple[Any, str]] = [
 ]  # fmt: skip
 CONDITIONS: tuple[str, ...] = ("edge map", "canny edges", "depth map", "depth", "segmentation map",
                                "segmentation", "HED boundaries", "scribble")  # fmt: skip
-NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
 FAMILY_NAMES = tuple(FAMILIES)
 GENERATE_CATEGORIES = ("person", "dog", "tree", "car", "bird")
 NEW_IMAGE = re.compile(r"New images: (img_\d+)")
@@ -244,7 +244,7 @@ class ShiftPlanner:
         """A change of a count n and its words (a few more instead when the target leaves the world's crowds)."""
         value, words = self.rng.choice(CHANGES)
         k = self.rng.randint(1, 8)
-        number = NUMBER_WORDS[k - 1] if self.rng.random() < 0.4 else str(k)
+        number = number_word(k) if self.rng.random() < 0.4 else str(k)
         if isinstance(value, str):
             value = value.format(n=k)
         if (isinstance(value, str) and value.startswith("-") and k >= n) or (value == 0.5 and n < 2):

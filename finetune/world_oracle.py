@@ -117,7 +117,9 @@ class WorldOracle:
         grounding = GroundingTool(backend="inhouse", geometry=False)  # the oracle reads whole expressions
         grounding.detector = OracleDetector(self)
         counter = CounterTool(backend="inhouse", grounding=grounding)
-        generator = GeneratorTool(backend="inhouse", grounding=grounding)
+        generator = GeneratorTool(
+            backend="inhouse", grounding=grounding, counter=counter
+        )  # re-counts, as built
         generator.backend = OracleBackend(self)
         captioner = CaptionerTool("grounded", grounding=grounding, vocabulary=list(CATEGORIES))
         return {t.name: t for t in (grounding, counter, generator, captioner)}

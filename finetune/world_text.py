@@ -12,31 +12,9 @@ from collections import Counter
 from typing import Any
 
 from toolvlm.finetune.world_scene import CATEGORIES, PALETTES, Object, Scene
+from toolvlm.tools.number_words import number_word
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "next to", "above", "below")
-NUMBER_WORDS = [
-    "no",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-    "twenty",
-]
 MAX_EXPRESSIONS = 12
 MAX_PEOPLE_FOR_ALL_PAIRS = 12
 
@@ -51,7 +29,7 @@ def count_phrase(n: int, noun: str, noun_plural: str) -> str:
     if n == 1:
         return ("an " if noun[0] in "aeiou" else "a ") + noun
     if n <= 20:
-        return f"{NUMBER_WORDS[n] if n <= 12 else n} {noun_plural}"
+        return f"{('no' if n == 0 else number_word(n)) if n <= 12 else n} {noun_plural}"
     return f"about {5 * round(n / 5)} {noun_plural}"
 
 

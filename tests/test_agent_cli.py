@@ -232,3 +232,23 @@ def test_chat_resumes_an_interrupted_turn(tmp_path):
         "finishing the interrupted turn\n  -> broken(x=1)\n  <- broken: fixed 1\nAll good now.\n"
         in transcript
     )
+
+
+def test_chat_banner_says_what_the_models_know_when_the_profile_checks_the_domain(tmp_path):
+    from toolvlm.agent.assistant import DOMAIN_NOTE
+
+    class AlwaysInDomain:
+        def check(self, image):
+            return type("Verdict", (), {"in_domain": True})()
+
+    plain = Assistant(ScriptedController(["Hi."]), [FakeCounter()], session=tmp_path / "a")
+    checked = Assistant(
+        ScriptedController(["Hi."]), [FakeCounter()], session=tmp_path / "b", domain=AlwaysInDomain()
+    )
+    shown = {}
+    for name, bot in (("plain", plain), ("checked", checked)):
+        transcript, code = drive(lambda read, write, bot=bot: ChatREPL(bot, read, write), ["hello"])
+        assert code == 0
+        shown[name] = transcript
+    assert DOMAIN_NOTE in shown["checked"] and "--profile" in DOMAIN_NOTE
+    assert DOMAIN_NOTE not in shown["plain"]

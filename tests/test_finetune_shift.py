@@ -16,12 +16,13 @@ from toolvlm.agent.controllers import ScriptedController
 from toolvlm.finetune import eval_controller
 from toolvlm.finetune.build_world import PHRASINGS, IfNeeded, plan_conversation
 from toolvlm.finetune.eval_controller import evaluate_shifted, out_of_domain_figures, presence_answer
-from toolvlm.finetune.shift_phrasings import CHANGES, FAMILIES, FAMILY_NAMES, NUMBER_WORDS, plan_shift
+from toolvlm.finetune.shift_phrasings import CHANGES, FAMILIES, FAMILY_NAMES, plan_shift
 from toolvlm.finetune.shift_scenes import ShiftConfig, compose_scene, hidden_fractions
 from toolvlm.finetune.world import annotate, sample_scene, scene_from_spec, scene_seed
 from toolvlm.finetune.world_oracle import phrase_targets
 from toolvlm.finetune.world_scene import CATEGORIES, COLOURS, SKY_CATEGORIES
 from toolvlm.tools.count_change import parse_change
+from toolvlm.tools.number_words import number_word
 
 SLOT = re.compile(r"\{\w+\}")
 
@@ -114,7 +115,7 @@ def test_phrasing_families_are_disjoint_from_the_training_grammar():
 def test_change_words_read_back_to_their_values():
     for value, words in CHANGES:
         for k in (1, 3, 8):
-            for number in (str(k), NUMBER_WORDS[k - 1]):
+            for number in (str(k), number_word(k)):
                 text = words.replace("{n}", number).format(xs="dogs")
                 want = parse_change(value.format(n=k) if isinstance(value, str) else value)
                 assert parse_change(text) == want, (text, want)

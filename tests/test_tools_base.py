@@ -184,7 +184,7 @@ def test_build_tools_rejects_unknown_tools_and_backends():
 def test_backends_are_listed_without_loading_models():
     assert registry.backends("grounding") == ["owlv2", "owlvit", "grounding_dino", "inhouse"]
     assert registry.backends("counter") == registry.backends("grounding")
-    assert registry.backends("captioner") == ["blip", "blip2", "inhouse"]
+    assert registry.backends("captioner") == ["blip", "blip2", "inhouse", "grounded"]
     assert registry.backends("generator") == ["sd", "gligen", "inhouse"]
     assert registry.backends("draw_boxes") is None
 
