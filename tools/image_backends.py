@@ -114,7 +114,7 @@ class DiffusersText2Image(ImageBackend):
         from diffusers import AutoPipelineForText2Image
 
         pipe = AutoPipelineForText2Image.from_pretrained(folder, dtype=hf.torch_dtype(self.dtype))
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=None, leave=False)  # shown on a terminal only
         self.pipe = pipe.to(self.device)
 
 
@@ -128,7 +128,7 @@ class GligenBackend(ImageBackend):
         from diffusers import StableDiffusionGLIGENPipeline
 
         pipe = StableDiffusionGLIGENPipeline.from_pretrained(folder, dtype=hf.torch_dtype(self.dtype))
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=None, leave=False)  # shown on a terminal only
         self.pipe = pipe.to(self.device)
 
     def text(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.layout import Layout
@@ -290,7 +291,8 @@ class LayoutDiffusion:
         if w != 1:
             cond = torch.cat([cond, torch.zeros_like(cond)])
         with torch.inference_mode():
-            for t in scheduler.timesteps:
+            # a progress bar on a terminal (tqdm disables itself when stderr is not one); ~4 s per image here
+            for t in tqdm(scheduler.timesteps, desc="diffusion", unit="step", leave=False, disable=None):
                 if w == 1:
                     output = self.unet(torch.cat([x, cond], dim=1), t).sample
                 else:
