@@ -77,3 +77,24 @@ def agent_tools() -> dict[str, Tool]:
 def agent_image() -> Image.Image:
     """A 64x48 test image."""
     return make_image()
+
+
+def drive(repl_factory, lines: list[str]) -> tuple[str, int]:
+    """Run a REPL on scripted lines; return everything it showed (prompts and echoed input included)."""
+    out: list[str] = []
+    feed = iter(lines)
+
+    def read(prompt: str) -> str:
+        out.append(prompt)
+        try:
+            line = next(feed)
+        except StopIteration:
+            raise EOFError from None
+        if line == "^C":
+            out.append("^C\n")
+            raise KeyboardInterrupt
+        out.append(line + "\n")
+        return line
+
+    code = repl_factory(read, out.append).loop()
+    return "".join(out), code

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BrokenTool, FakeCounter, FakeGrounding, make_image
+from conftest import BrokenTool, FakeCounter, FakeGrounding, drive, make_image
 
 from toolvlm.agent.assistant import Assistant
 from toolvlm.agent.cli_chat import ChatREPL
@@ -19,27 +19,6 @@ from toolvlm.tools.base import Tool, ToolOutput
 
 def call(name: str, **arguments) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
-
-
-def drive(repl_factory, lines: list[str]) -> tuple[str, int]:
-    """Run a REPL on scripted lines; return everything it showed (prompts and echoed input included)."""
-    out: list[str] = []
-    feed = iter(lines)
-
-    def read(prompt: str) -> str:
-        out.append(prompt)
-        try:
-            line = next(feed)
-        except StopIteration:
-            raise EOFError from None
-        if line == "^C":
-            out.append("^C\n")
-            raise KeyboardInterrupt
-        out.append(line + "\n")
-        return line
-
-    code = repl_factory(read, out.append).loop()
-    return "".join(out), code
 
 
 TRANSCRIPT = """\

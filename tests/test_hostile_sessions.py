@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BrokenTool, FakeCounter, FakeGrounding, make_image
+from conftest import drive as drive_repl
 from PIL import Image
 
 from toolvlm import cli as toolvlm_cli
@@ -61,20 +62,7 @@ def no_traceback(text: str) -> None:
 
 def drive(bot: Assistant, lines: list[str]) -> tuple[str, int]:
     """Run the REPL on scripted lines; everything it showed, and its exit status."""
-    out: list[str] = []
-    feed = iter(lines)
-
-    def read(prompt: str) -> str:
-        out.append(prompt)
-        try:
-            line = next(feed)
-        except StopIteration:
-            raise EOFError from None
-        out.append(line + "\n")
-        return line
-
-    code = ChatREPL(bot, read, out.append).loop()
-    return "".join(out), code
+    return drive_repl(lambda read, write: ChatREPL(bot, read, write), lines)
 
 
 @pytest.fixture
