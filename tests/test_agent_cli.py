@@ -231,3 +231,10 @@ def test_chat_banner_says_what_the_models_know_when_the_profile_checks_the_domai
         shown[name] = transcript
     assert DOMAIN_NOTE in shown["checked"] and "--profile" in DOMAIN_NOTE
     assert DOMAIN_NOTE not in shown["plain"]
+
+
+def test_version_flag(capsys):
+    from toolvlm import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"toolvlm {__version__}"

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 # name -> (module implementing it, one-line help). Order is the order of `toolvlm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,6 +50,7 @@ def build_parser(load_commands: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The argument parser; subcommands named in `load_commands` get their full arguments."""
     parser = argparse.ArgumentParser(prog="toolvlm", description="An agentic multimodal assistant.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"toolvlm {version('toolvlm')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=help_line)
