@@ -20,6 +20,13 @@ function el(tag, attrs = {}, ...children) {
 function figure(url, caption, tool) {
   const img = el("img", { src: url, alt: caption });
   if (tool) img.setAttribute("data-tool", tool);
+  // a session image may be named before the server has written it: try again a few times
+  let tries = 0;
+  img.addEventListener("error", () => {
+    if (tries >= 6) return;
+    tries += 1;
+    setTimeout(() => { img.src = url + (url.includes("?") ? "&" : "?") + "retry=" + tries; }, 250 * tries);
+  });
   return el("figure", {}, el("a", { href: url, target: "_blank" }, img), el("figcaption", { text: caption }));
 }
 
