@@ -64,18 +64,9 @@ def load_tools_spec(profile: str | None) -> dict[str, dict[str, Any]]:
     """The `tools:` spec of a YAML profile file (relative `model:` paths taken beside it), or the default."""
     if profile is None:
         return default_spec()
-    from toolvlm.tools.cli import load_profile
+    from toolvlm.tools.cli import load_profile  # reads the file and resolves `model:` paths beside it
 
-    spec = {name: dict(options or {}) for name, options in load_profile(profile).items()}
-    folder = Path(profile).parent
-    for options in spec.values():
-        model = options.get("model")
-        if (
-            isinstance(model, str)
-            and not Path(model).expanduser().is_absolute()
-            and (folder / model).exists()
-        ):
-            options["model"] = str(folder / model)
+    spec = load_profile(profile)
     if not spec:
         raise ValueError(f"profile {profile!r} lists no tools under 'tools:'")
     return spec
