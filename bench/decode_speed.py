@@ -32,10 +32,10 @@ import time
 import torch
 
 from toolvlm.bundle import bundle_dir
-from toolvlm.finetune.eval_controller import plan_eval
-from toolvlm.finetune.world import render_scene
+from toolvlm.evaluation.controller import plan_eval
 from toolvlm.vlm import load_vlm
 from toolvlm.vlm.engine import SamplingConfig
+from toolvlm.world import render_scene
 
 BENCH_SEED = 616161  # not the eval's seed
 

@@ -15,7 +15,7 @@ Measured sets (false alarms: the share of world scenes called foreign; detection
   from an independent composer written here (random categories, boxes anywhere at any size, any of the four
   backgrounds incl. all-sky, 0-30 objects, overlaps allowed); spec_jpeg: those saved at JPEG quality 60; jpeg:
   the training mix saved at JPEG quality 60; sizes: the training mix at 160x160, 320x240 and 512x512; shift and
-  shift_jpeg: the shifted evaluation's composer (finetune/shift_scenes.py), where this version has it.
+  shift_jpeg: the shifted evaluation's composer (evaluation/shift_scenes.py), where this version has it.
   `far_*` is the share beyond the distance threshold alone (the palette test must then hold them in).
 - photos_heldout: scikit-image's bundled photographs never looked at while designing the check (rocket, coins,
   moon, hubble_deep_field, immunohistochemistry, retina, grass, gravel, brick, clock, page, text, cell,
@@ -39,16 +39,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolvlm.finetune.world_draw import render_scene
-from toolvlm.finetune.world_sample import sample_scene
-from toolvlm.finetune.world_scene import (
-    BACKGROUNDS,
-    CATEGORIES,
-    COLOURS,
-    PALETTES,
-    WorldConfig,
-    scene_from_spec,
-)
 from toolvlm.tools.domain import (
     DomainCheck,
     DomainStats,
@@ -56,6 +46,16 @@ from toolvlm.tools.domain import (
     fit_stats,
     palette_coverage,
     set_threshold,
+)
+from toolvlm.world.draw import render_scene
+from toolvlm.world.sample import sample_scene
+from toolvlm.world.scene import (
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    PALETTES,
+    WorldConfig,
+    scene_from_spec,
 )
 
 DEV_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")
@@ -137,7 +137,7 @@ def test_sets(n: int) -> dict[str, list[Image.Image]]:
         ],
     }
     try:  # the shifted evaluation's composer (issue 28, item 1), where this version has it
-        from toolvlm.finetune.shift_scenes import compose_scene
+        from toolvlm.evaluation.shift_scenes import compose_scene
     except ImportError:
         return sets
     sets["shift"] = [render_scene(compose_scene(s + 50_000 + i)) for i in range(n)]

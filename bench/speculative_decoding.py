@@ -26,8 +26,8 @@ from collections import defaultdict
 from toolvlm.agent.assistant import Assistant
 from toolvlm.agent.profiles import load_profile
 from toolvlm.bundle import bundle_dir
-from toolvlm.finetune.eval_controller import plan_eval
-from toolvlm.finetune.world import render_scene
+from toolvlm.evaluation.controller import plan_eval
+from toolvlm.world import render_scene
 
 BENCH_SEED = 515151  # not the eval's seed: other scenes, the same held-out phrasings
 

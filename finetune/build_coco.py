@@ -23,12 +23,12 @@ from PIL import Image
 
 from toolvlm.finetune.build_world import TEMPLATES, Turn, _box_text, call, last_new_image, run_turns
 from toolvlm.finetune.data import TOOLSET, Example, system_prompt, write_jsonl
-from toolvlm.finetune.world_oracle import normalize_phrase
 from toolvlm.tools.counter import CounterTool
 from toolvlm.tools.detectors import Detection, Detector
 from toolvlm.tools.grounding import GroundingTool
 from toolvlm.tools.layout import plural
 from toolvlm.vlm.images import image_key
+from toolvlm.world.oracle import normalize_phrase
 
 logger = logging.getLogger(__name__)
 

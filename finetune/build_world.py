@@ -18,9 +18,9 @@ Answers with numbers or boxes copy what the tools reported. With `count_noise`, 
 miscount a group by a few, as real detectors do, so the controller learns to report the tools' figures.
 
 The conversations are made by running the real agent loop (`toolvlm.agent`) with the controller's replies
-scripted and the oracle tools of `world_oracle` (the real tool classes answering from the annotations), so tool
+scripted and the oracle tools of `world.oracle` (the real tool classes answering from the annotations), so tool
 results, image handles, system prompt and message layout are exactly what the controller meets at inference.
-User phrasings come in two disjoint sets: "train" and "heldout" (for `eval_controller`); the split never mixes.
+User phrasings come in two disjoint sets: "train" and "heldout" (for `evaluation.controller`); the split never mixes.
 
 This module plans and writes conversations; it knows nothing of models or training.
 """
@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 from toolvlm.finetune.data import TOOLSET, Example, system_prompt, write_jsonl
 from toolvlm.finetune.paraphrase import request
-from toolvlm.finetune.world import Scene, annotate, sample_scene, scene_seed
-from toolvlm.finetune.world_oracle import WorldOracle
-from toolvlm.finetune.world_scene import WorldConfig
-from toolvlm.finetune.world_text import count_phrase, plural
 from toolvlm.tools.count_change import target_count
 from toolvlm.tools.number_words import number_word
+from toolvlm.world import Scene, annotate, sample_scene, scene_seed
+from toolvlm.world.oracle import WorldOracle
+from toolvlm.world.scene import WorldConfig
+from toolvlm.world.text import count_phrase, plural
 
 logger = logging.getLogger(__name__)
 

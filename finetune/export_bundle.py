@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from toolvlm.bundle import bundle_dir
-from toolvlm.finetune.world_scene import CATEGORIES
+from toolvlm.world.scene import CATEGORIES
 
 log = logging.getLogger(__name__)
 

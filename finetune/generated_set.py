@@ -27,8 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from toolvlm.finetune.world import annotate, sample_scene
 from toolvlm.finetune.world_data import layout_of, scene_seed, to_pixels
+from toolvlm.world import annotate, sample_scene
 
 log = logging.getLogger(__name__)
 

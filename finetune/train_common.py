@@ -13,6 +13,10 @@ With `ema_decay` > 0 the loop also keeps an exponential moving average of the we
 `AveragedModel`, buffers included, decay warmed up as min(decay, (1 + n) / (10 + n)) after n updates, as in
 diffusers' EMAModel), checkpoints it with the rest and exports it instead of the last weights: diffusion models
 sample markedly cleaner from the average (DDPM, Ho et al. 2020, used 0.9999).
+
+`device` picks where the model trains ("cuda" where a stage builds its loss tensors on the model's device, as
+the detector does); `workers` > 0 builds the batches in that many processes (a torch DataLoader over step
+numbers; `batch(step)` is a pure function of the step, so the data are the same as in-process).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class TrainConfig:
     log_every: int = 10
     export_at_end: bool = True
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights and export it (0: export the last weights)
+    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda where available)
+    workers: int = 0  # processes building batches (0: in the training process)
 
 
 class Stage(Protocol):
@@ -127,16 +133,71 @@ def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Aver
     return torch.optim.swa_utils.AveragedModel(model, avg_fn=average, use_buffers=True)
 
 
-def use_bf16(setting: bool | str) -> bool:
-    """Whether to train under bf16 autocast: True / False, or "auto" for CPUs with native bf16 arithmetic
-    (AVX512-BF16 or AMX; elsewhere bf16 is emulated and several times slower than fp32)."""
+def use_bf16(setting: bool | str, device: torch.device | None = None) -> bool:
+    """Whether to train under bf16 autocast: True / False, or "auto" for GPUs and for CPUs with native bf16
+    arithmetic (AVX512-BF16 or AMX; elsewhere bf16 is emulated and several times slower than fp32)."""
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
         raise ValueError(f"bf16 must be true, false or auto, got {setting!r}")
+    if device is not None and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     from toolvlm.vlm.config import cpu_supports_bf16
 
     return cpu_supports_bf16()
+
+
+def train_device(setting: str) -> torch.device:
+    """The device a run trains on; asking for cuda where there is none raises."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {setting!r}")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch with its tensors (in dicts, lists, tuples and tokenizer outputs) on `device`; the rest as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    if hasattr(batch, "to") and hasattr(batch, "data"):  # transformers' BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """The batches of steps start..steps-1, for a DataLoader whose workers build them."""
+
+    def __init__(self, stage: Stage, start: int, steps: int) -> None:
+        self.stage, self.start, self.steps = stage, start, steps
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        return self.stage.batch(self.start + i)
+
+
+def step_batches(stage: Stage, start: int, config: TrainConfig):
+    """An iterator over the batches of the remaining steps, built in-process or by `config.workers` processes."""
+    if config.workers <= 0:
+        return (stage.batch(step) for step in range(start, config.steps))
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(stage, start, config.steps),
+        batch_size=None,
+        shuffle=False,
+        num_workers=config.workers,
+        prefetch_factor=4,
+        collate_fn=lambda batch: batch,
+        worker_init_fn=lambda _: torch.set_num_threads(1),
+    )
+    return iter(loader)
 
 
 def train(stage: Stage, config: TrainConfig) -> Path:
@@ -146,13 +207,14 @@ def train(stage: Stage, config: TrainConfig) -> Path:
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     save_config(config, run / "recipe.yaml")
-    model = stage.model
+    device = train_device(config.device)
+    model = stage.model.to(device)
     optimizer = optimizer_for(model, config)
     ema = make_ema(model, config.ema_decay) if config.ema_decay > 0 else None
     start = 0
     checkpoint = run / CHECKPOINT
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -163,7 +225,9 @@ def train(stage: Stage, config: TrainConfig) -> Path:
         log.info("resumed %s at step %d", run, start)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s: %.2fM parameters, steps %d -> %d", run, n_params / 1e6, start, config.steps)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(config.bf16) else nullcontext()
+    bf16 = use_bf16(config.bf16, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    batches = step_batches(stage, start, config)
     model.train()
     smooth: dict[str, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=run.name, mininterval=10)
@@ -172,7 +236,7 @@ def train(stage: Stage, config: TrainConfig) -> Path:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            batch = stage.batch(step)
+            batch = to_device(next(batches), device)
             with autocast:
                 loss, figures = stage.loss(batch)
             loss.backward()
@@ -200,6 +264,7 @@ def train(stage: Stage, config: TrainConfig) -> Path:
                 save_checkpoint(checkpoint, model, optimizer, done, ema)
     if ema is not None:  # the average is what gets exported (the checkpoint keeps both)
         model.load_state_dict(ema.module.state_dict())
+    stage.model.to("cpu")
     if config.export_at_end:
         export(stage, run)
     return run

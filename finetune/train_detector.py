@@ -37,9 +37,9 @@ from toolvlm.finetune.train_encoder import (
     owlvit_config,
     owlvit_processor,
 )
-from toolvlm.finetune.world import CATEGORIES, WorldConfig, sample_scene
 from toolvlm.finetune.world_data import WorldScenes, detection_target, scene_seed
 from toolvlm.finetune.world_tokenizer import build_tokenizer, reorder_specials, special_ids
+from toolvlm.world import CATEGORIES, WorldConfig, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class DetectorConfig(TrainConfig):
     p_focus: float = 0.0  # share of batch images drawn from training scenes that hold one of them
     scene_offset: int = 0  # where its training scenes start (a continued run can draw fresh ones)
     p_composed: float = 0.0  # share of training scenes from the composed family (any place, size, background)
+    p_scattered: float = (
+        0.0  # share from the scattered family (0-60 of one kind at one scale, anywhere, occluded)
+    )
 
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -196,7 +199,7 @@ class DetectorStage:
             offset=10**7 + config.scene_offset,
             image_size=vision.image_size,
             p_lowres=config.p_lowres,
-            world=WorldConfig().with_composed(config.p_composed),
+            world=WorldConfig().with_composed(config.p_composed).with_share("scattered", config.p_scattered),
         )
         unknown = set(config.focus) - set(CATEGORIES)
         if unknown or (config.p_focus > 0 and not config.focus):
@@ -279,8 +282,8 @@ class DetectorStage:
             lg = logits[b, :, :q]
             target = torch.zeros_like(lg)
             if t.boxes:
-                gt = torch.tensor(t.boxes, dtype=boxes.dtype)
-                members = torch.zeros((len(t.boxes), q))
+                gt = torch.tensor(t.boxes, dtype=boxes.dtype, device=boxes.device)
+                members = torch.zeros((len(t.boxes), q), device=boxes.device)
                 for g, pos in enumerate(t.positives):
                     members[g, pos] = 1.0
                 with torch.no_grad():
@@ -290,7 +293,7 @@ class DetectorStage:
                         + c.w_l1 * torch.cdist(boxes[b], gt, p=1)
                         - c.w_giou * pairwise_giou(box_xyxy(boxes[b]), box_xyxy(gt))
                     )
-                rows, cols = hungarian(cost)
+                rows, cols = (i.to(boxes.device) for i in hungarian(cost))
                 target[rows] = members[cols]
                 matched, wanted = boxes[b, rows], gt[cols]
                 l1_loss = l1_loss + (matched - wanted).abs().sum()

@@ -39,7 +39,6 @@ from toolvlm.finetune.train_common import (
     load_trained,
     vit_shape,
 )
-from toolvlm.finetune.world import CATEGORIES
 from toolvlm.finetune.world_data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -50,6 +49,7 @@ from toolvlm.finetune.world_data import (
     text_matches,
 )
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
+from toolvlm.world import CATEGORIES
 
 log = logging.getLogger(__name__)
 

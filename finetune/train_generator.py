@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from toolvlm.finetune.train_common import TrainConfig, fp16_copy
-from toolvlm.finetune.world import CATEGORIES
 from toolvlm.finetune.world_data import WorldScenes, layout_of
+from toolvlm.world import CATEGORIES
 
 log = logging.getLogger(__name__)
 

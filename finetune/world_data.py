@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from toolvlm.finetune.world import CATEGORIES, WorldConfig, annotate, render_scene, sample_scene
-from toolvlm.finetune.world_scene import PALETTES
-from toolvlm.finetune.world_text import describe, plural
+from toolvlm.world import CATEGORIES, WorldConfig, annotate, render_scene, sample_scene
+from toolvlm.world.scene import PALETTES
+from toolvlm.world.text import describe, plural
 
 EVAL_SEED_BASE = 1_000_000_000
 SPLITS = ("train", "eval")

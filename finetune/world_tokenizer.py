@@ -20,7 +20,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any
 
-from toolvlm.finetune.world import annotate, sample_scene, vocabulary
+from toolvlm.world import annotate, sample_scene, vocabulary
 
 log = logging.getLogger(__name__)
 

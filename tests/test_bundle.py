@@ -32,7 +32,7 @@ def test_bundle_profile_names_present_parts_and_fits_the_budget():
 @pytest.mark.smollm2
 def test_demo_on_the_bundle_boxes_the_tree_and_counts_the_people(tmp_path, capsys):
     from toolvlm.cli import main
-    from toolvlm.finetune.eval_world import iou
+    from toolvlm.evaluation.world_models import iou
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     truth = json.loads((tmp_path / "crowd_annotations.json").read_text())
@@ -49,9 +49,9 @@ def test_demo_on_the_bundle_boxes_the_tree_and_counts_the_people(tmp_path, capsy
 
 
 def test_bundle_grounding_resolves_positions_and_landmarks_on_a_composed_scene():
-    from toolvlm.finetune.eval_world import iou
-    from toolvlm.finetune.world import render_scene, scene_from_spec
+    from toolvlm.evaluation.world_models import iou
     from toolvlm.tools import build_tools
+    from toolvlm.world import render_scene, scene_from_spec
 
     objects = [
         {"category": "cloud", "box": [10, 10, 60, 35]},

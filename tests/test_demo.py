@@ -8,7 +8,7 @@ import yaml
 from conftest import FakeCounter, FakeGrounding
 
 from toolvlm.cli import main
-from toolvlm.finetune.demo import QUESTIONS, demo_scene
+from toolvlm.demo import QUESTIONS, demo_scene
 from toolvlm.tools import registry
 
 

@@ -8,11 +8,11 @@ import re
 import numpy as np
 from PIL import Image
 
+from toolvlm.evaluation.controller import answer_boxes, plan_eval
 from toolvlm.finetune.build_coco import build_coco_dataset
 from toolvlm.finetune.build_world import TEMPLATES, WorldDataConfig, build_world_dataset, world_example
 from toolvlm.finetune.data import read_jsonl, system_prompt
-from toolvlm.finetune.eval_controller import answer_boxes, plan_eval
-from toolvlm.finetune.world_oracle import WorldOracle
+from toolvlm.world.oracle import WorldOracle
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -157,7 +157,7 @@ def test_noisy_tools_miscount_groups_and_the_answers_report_what_the_tools_said(
 
 
 def test_noisy_oracle_gives_the_same_answer_for_the_same_image_and_phrase():
-    from toolvlm.finetune.world import sample_scene
+    from toolvlm.world import sample_scene
 
     scene = next(s for s in map(sample_scene, range(100)) if s.counts().get("person", 0) >= 10)
     oracle = WorldOracle(count_noise=1.0, seed=5)

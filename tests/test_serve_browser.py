@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from toolvlm.finetune.demo import QUESTIONS, demo_scene
+from toolvlm.demo import QUESTIONS, demo_scene
 from toolvlm.serve.app import create_app
 from toolvlm.serve.background import BackgroundServer
 from toolvlm.serve.config import ServeConfig

@@ -32,9 +32,9 @@ def _photo(name: str) -> Image.Image:
 
 
 def _world(seed: int, **config) -> Image.Image:
-    from toolvlm.finetune.world_draw import render_scene
-    from toolvlm.finetune.world_sample import sample_scene
-    from toolvlm.finetune.world_scene import WorldConfig
+    from toolvlm.world.draw import render_scene
+    from toolvlm.world.sample import sample_scene
+    from toolvlm.world.scene import WorldConfig
 
     return render_scene(sample_scene(seed, WorldConfig(**config)))
 

@@ -30,7 +30,7 @@ PEOPLE = [[130, 120, 150, 170], [160, 125, 180, 175], [20, 130, 40, 180]]
 
 def world_scene() -> Image.Image:
     """A composed world scene: a tree and three people on grass."""
-    from toolvlm.finetune.world import render_scene, scene_from_spec
+    from toolvlm.world import render_scene, scene_from_spec
 
     objects = [{"category": "tree", "box": TREE}]
     objects += [

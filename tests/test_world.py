@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from toolvlm.cli import main
-from toolvlm.finetune.world import (
+from toolvlm.world import (
     CATEGORIES,
     Scene,
     WorldConfig,
@@ -23,8 +23,8 @@ from toolvlm.finetune.world import (
     sample_scene,
     scene_from_spec,
 )
-from toolvlm.finetune.world_draw import background, object_tile
-from toolvlm.finetune.world_text import RELATIONS, relation_holds
+from toolvlm.world.draw import background, object_tile
+from toolvlm.world.text import RELATIONS, relation_holds
 
 SEEDS = range(300)
 
@@ -133,6 +133,44 @@ def test_composed_family_drops_perspective_and_shows_every_background():
             assert 0 <= o.box[0] < o.box[2] <= scene.width and 0 <= o.box[1] < o.box[3] <= scene.height
             assert o.place != "in the air" or o.box[3] <= scene.horizon  # flyers up in the sky only
         annotate(scene)  # every composed scene has captions, relations and expressions
+
+
+def test_scattered_family_spans_counts_scales_grounds_and_overlap():
+    assert "scattered" not in {sample_scene(i).family for i in range(200)}  # no default mix draws it
+    world = WorldConfig().with_composed(0.15).with_share("scattered", 0.45)
+    assert world.family_weights["scattered"] == 0.45 and world.family_weights["composed"] == pytest.approx(
+        0.15 * 0.55
+    )
+    assert sum(world.family_weights.values()) == pytest.approx(1)
+    with pytest.raises(ValueError, match="unknown scene family"):
+        WorldConfig().with_share("dance", 0.2)
+    scattered = [sample_scene(i, family="scattered") for i in range(300)]
+    assert {s.background for s in scattered} == {"grass", "park", "street", "sky"}
+    people = [annotate(s)["counts"]["person"] for s in scattered]
+    assert min(people) == 0 and max(people) >= 45  # from none to dense crowds
+    heights = [o.height for s in scattered for o in s.objects if o.category == "person"]
+    assert min(heights) <= 14 and max(heights) >= 100  # tiny to large
+    cfg = WorldConfig()
+
+    def hidden(s: Scene) -> float:  # the most any object hides of another
+        most = 0.0
+        for i, a in enumerate(s.objects):
+            for b in s.objects[i + 1 :]:
+                ix = min(a.box[2], b.box[2]) - max(a.box[0], b.box[0])
+                iy = min(a.box[3], b.box[3]) - max(a.box[1], b.box[1])
+                if ix > 0 and iy > 0:
+                    most = max(most, ix * iy / min(a.width * a.height, b.width * b.height))
+        return most
+
+    overlaps = [hidden(s) for s in scattered]
+    assert max(overlaps) > cfg.max_overlap  # more occlusion than the default families allow
+    for scene in scattered:
+        if scene.background == "sky":
+            assert all(o.category in ("bird", "ball", "frisbee", "cloud", "sun") for o in scene.objects)
+        for o in scene.objects:
+            assert 0 <= o.box[0] < o.box[2] <= scene.width and 0 <= o.box[1] < o.box[3] <= scene.height
+        annotate(scene)
+    assert sample_scene(7, family="scattered").to_dict() == sample_scene(7, family="scattered").to_dict()
 
 
 def test_crowd_on_larger_canvas():

@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from toolvlm.finetune.eval_world import average_precision, caption_items, f1, scene_items
-from toolvlm.finetune.world import annotate, sample_scene, scene_from_spec
+from toolvlm.evaluation.world_models import average_precision, caption_items, f1, scene_items
 from toolvlm.finetune.world_data import (
     EVAL_SEED_BASE,
     WorldScenes,
@@ -18,6 +17,7 @@ from toolvlm.finetune.world_data import (
     text_matches,
 )
 from toolvlm.finetune.world_tokenizer import build_tokenizer
+from toolvlm.world import annotate, sample_scene, scene_from_spec
 
 
 def test_train_and_eval_seeds_are_disjoint():
@@ -52,7 +52,7 @@ def test_detection_target_positives_follow_the_phrases():
 
 
 def test_hard_negatives_name_present_categories_in_colours_they_lack_here():
-    from toolvlm.finetune.world_text import describe
+    from toolvlm.world.text import describe
 
     ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
     shown = {describe(o["category"], o["color"]) for o in ann["objects"] if o.get("color")}
@@ -69,8 +69,8 @@ def test_hard_negatives_name_present_categories_in_colours_they_lack_here():
 
 
 def test_detection_target_without_known_colours_asks_only_categories():
-    from toolvlm.finetune.world import CATEGORIES
-    from toolvlm.finetune.world_text import plural
+    from toolvlm.world import CATEGORIES
+    from toolvlm.world.text import plural
 
     ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
     t = detection_target(ann, random.Random(0), negatives=4, colours_known=False)
@@ -151,7 +151,7 @@ def test_lowres_augmentation_blurs_a_deterministic_share():
 def test_count_threshold_calibration_picks_the_separating_band():
     import numpy as np
 
-    from toolvlm.finetune.calibrate_detector import best_threshold
+    from toolvlm.evaluation.calibrate_detector import best_threshold
 
     rng = np.random.default_rng(0)
     samples = []
@@ -165,7 +165,7 @@ def test_count_threshold_calibration_picks_the_separating_band():
 def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkeypatch):
     import numpy as np
 
-    from toolvlm.finetune import calibrate_detector
+    from toolvlm.evaluation import calibrate_detector
     from toolvlm.tools.counter import CounterTool
     from toolvlm.tools.detectors import CALIBRATION
 
@@ -211,7 +211,7 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
 def test_categories_scored_lower_get_their_own_count_threshold():
     import numpy as np
 
-    from toolvlm.finetune.calibrate_detector import best_threshold, own_thresholds
+    from toolvlm.evaluation.calibrate_detector import best_threshold, own_thresholds
 
     rng = np.random.default_rng(0)
     samples = []
@@ -229,9 +229,9 @@ def test_categories_scored_lower_get_their_own_count_threshold():
 
 
 def test_all_negatives_asks_every_absent_phrase_once():
-    from toolvlm.finetune.world import CATEGORIES
     from toolvlm.finetune.world_data import colour_phrases
-    from toolvlm.finetune.world_text import describe
+    from toolvlm.world import CATEGORIES
+    from toolvlm.world.text import describe
 
     ann = annotate(sample_scene(scene_seed("train", 3), family="dog_frisbee"))
     present = {o["category"] for o in ann["objects"]}

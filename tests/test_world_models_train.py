@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from toolvlm.finetune.train_world import run_stage
-from toolvlm.finetune.world import CATEGORIES, render_scene, sample_scene
 from toolvlm.tools.registry import build_tools
+from toolvlm.world import CATEGORIES, render_scene, sample_scene
 
 TINY_TOWERS = [
     "image_size=32",
@@ -189,9 +189,9 @@ def test_generated_set_resumes_and_feeds_the_detector_category_queries(generator
 
     from toolvlm.finetune.generated_set import GeneratedScenes, read_samples, write_generated_set
     from toolvlm.finetune.train_detector import DetectorConfig, DetectorStage
-    from toolvlm.finetune.world import annotate
     from toolvlm.finetune.world_data import layout_of, scene_seed
     from toolvlm.tools.layout_diffusion import LayoutDiffusion
+    from toolvlm.world import annotate
 
     folder, generator = tmp_path / "generated", generator_run / "export"
     assert write_generated_set(generator, folder, n=3, steps=1, batch_size=2) == 3
@@ -384,7 +384,7 @@ def test_encoder_deepened_on_a_trained_tower_starts_as_it_and_trains_only_the_ne
 
 def test_presence_loss_classifies_each_category_pair(tmp_path):
     from toolvlm.finetune.train_encoder import EncoderConfig, EncoderStage
-    from toolvlm.finetune.world import CATEGORIES
+    from toolvlm.world import CATEGORIES
 
     config = EncoderConfig(
         run_dir=str(tmp_path), image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_heads=2,
@@ -500,3 +500,23 @@ def test_ema_is_the_warmed_up_average_of_the_weights_and_is_exported_and_resumed
     fresh = torch.nn.Linear(3, 1)
     assert load_checkpoint_into(fresh, tmp_path / "resumed") == 4
     torch.testing.assert_close(fresh.weight.detach(), average)
+
+
+def test_worker_processes_build_the_same_batches_and_train_the_same_weights(tmp_path):
+    """`workers` only moves batch building into processes: the weights after a run are bit-identical."""
+    from toolvlm.finetune.train_common import TrainConfig, train, train_device
+
+    def run(name: str, workers: int) -> torch.Tensor:
+        stage = LinearStage()
+        config = TrainConfig(run_dir=str(tmp_path / name), steps=5, lr=0.1, warmup_steps=1, bf16=False,
+                             workers=workers, device="auto")  # fmt: skip
+        train(stage, config)
+        return stage.exported["weight"]
+
+    torch.testing.assert_close(run("in_process", 0), run("workers", 2), rtol=0, atol=0)
+    assert train_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="device must be"):
+        train_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train_device("cuda")

@@ -28,11 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tools": ("toolvlm.tools.cli", "list the tools with their descriptions and input schemas"),
     "tool": ("toolvlm.tools.cli", "run one tool directly on an image"),
     "mcp": ("toolvlm.tools.mcp_server", "serve the tools over the Model Context Protocol (stdio or HTTP)"),
-    "world": ("toolvlm.finetune.world_cli", "sample or render scenes of the procedurally drawn world"),
+    "world": ("toolvlm.world.cli", "sample or render scenes of the procedurally drawn world"),
     "finetune": ("toolvlm.finetune.cli", "train a VLM controller from a YAML recipe (key=value overrides)"),
-    "eval": ("toolvlm.finetune.eval_cli", "evaluate the world models or the controller"),
+    "eval": ("toolvlm.evaluation.cli", "evaluate the world models or the controller"),
     "serve": ("toolvlm.serve.cli", "serve a web page and an OpenAI-compatible API (loopback by default)"),
-    "demo": ("toolvlm.finetune.demo", "run the four-step crowd demo (describe, box, count, generate)"),
+    "demo": ("toolvlm.demo", "run the four-step crowd demo (describe, box, count, generate)"),
 }
 
 

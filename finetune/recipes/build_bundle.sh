@@ -45,7 +45,7 @@ stage_detector()  {
     run_dir=runs/detector_composed2 continue_from=runs/detector_composed/export scene_offset=7000000 seed=7
   # the counting threshold, looking twice (the image and half a patch off) and merging the views' boxes at the
   # view IoU that counts best; grounding's threshold lower, so that position words find weak candidates too
-  $PY -m toolvlm.finetune.calibrate_detector runs/detector_composed2/export --n 200 --grounding-threshold 0.2 \
+  $PY -m toolvlm.evaluation.calibrate_detector runs/detector_composed2/export --n 200 --grounding-threshold 0.2 \
     --views 2 --view-iou 0.3,0.2
 }
 stage_encoder_from_detector() {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolvlm.finetune.results import render
+from toolvlm.evaluation.results import render
 
 ROOT = Path(__file__).resolve().parents[1]
 

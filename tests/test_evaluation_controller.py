@@ -8,8 +8,7 @@ import pytest
 from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
 
 from toolvlm.agent.controllers import ScriptedController
-from toolvlm.finetune.build_world import IfNeeded
-from toolvlm.finetune.eval_controller import (
+from toolvlm.evaluation.controller import (
     answer_boxes,
     answer_number,
     box_match_rate,
@@ -19,6 +18,7 @@ from toolvlm.finetune.eval_controller import (
     plan_eval,
     same_phrase,
 )
+from toolvlm.finetune.build_world import IfNeeded
 
 N = 16
 
@@ -89,7 +89,7 @@ def test_scorers():
 
 
 def test_eval_cli_runs_a_saved_tiny_controller(tmp_path, tiny_lm_dir, capsys):  # noqa: F811
-    from toolvlm.finetune import eval_controller
+    from toolvlm.evaluation import controller as eval_controller
     from toolvlm.vlm import build_vlm
 
     build_vlm(tiny_spec(tiny_lm_dir, pooling=2), dtype="float32").save(tmp_path / "ctrl")

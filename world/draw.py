@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from toolvlm.finetune.world_scene import COLOURS, Object, Scene, draw_order, road_top
+from toolvlm.world.scene import COLOURS, Object, Scene, draw_order, road_top
 
 RGB = tuple[int, int, int]
 

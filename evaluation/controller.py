@@ -10,7 +10,7 @@ Scenes are drawn with a seed no training set uses, and the user's requests come 
   or given, whichever are more), exact counts, yes/no and colour answers, and generation with the requested count
   (the new image counted against the target).
 
-Tools are the oracle tools of `world_oracle` (the real tool classes answering from the scene annotations) unless
+Tools are the oracle tools of `world.oracle` (the real tool classes answering from the scene annotations) unless
 real tools are given (an Assistant's, or a profile's with weights present). With oracle tools the task scores
 measure the controller alone: the tools' own accuracy is not in them, and the result says so in `notes`.
 
@@ -38,17 +38,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from toolvlm.evaluation.shift_phrasings import FAMILY_NAMES, SHIFT_SEED, family_of_task, plan_shift
+from toolvlm.evaluation.world_models import f1
 from toolvlm.finetune.build_world import TASKS, Planner, Turn, planner_rng
-from toolvlm.finetune.eval_world import f1
-from toolvlm.finetune.shift_phrasings import FAMILY_NAMES, SHIFT_SEED, family_of_task, plan_shift
-from toolvlm.finetune.world import Scene, sample_scene, scene_seed
-from toolvlm.finetune.world_oracle import WorldOracle, category_of, normalize_phrase
-from toolvlm.finetune.world_scene import CATEGORIES
-from toolvlm.finetune.world_text import plural
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.count_change import parse_change
 from toolvlm.tools.imaging import iou
 from toolvlm.tools.number_words import first_number
+from toolvlm.world import Scene, sample_scene, scene_seed
+from toolvlm.world.oracle import WorldOracle, category_of, normalize_phrase
+from toolvlm.world.scene import CATEGORIES
+from toolvlm.world.text import plural
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The `toolvlm eval TARGET` subcommand: `world-models` (eval_world) or `controller` (eval_controller).
+"""The `toolvlm eval TARGET` subcommand: `world-models` (evaluation/world_models.py) or `controller` (evaluation/controller.py).
 
 `toolvlm eval world-models [--json] [--n N] [--offset K] [--encoder DIR] [--detector DIR] [--captioner DIR]
 [--generator DIR]` scores the in-house world models (the bundle's by default) on held-out scenes.
-`toolvlm eval controller ...` is implemented in `toolvlm.finetune.eval_controller` (`add_arguments(parser)`,
+`toolvlm eval controller ...` is implemented in `toolvlm.evaluation.controller` (`add_arguments(parser)`,
 `run(args) -> int`), imported lazily; until it exists the target says it is not built yet. `toolvlm eval
 controller --shift` adds the shifted set (scenes of `shift_scenes`, requests of `shift_phrasings`) and reports
 one JSON with `in_distribution` and `shifted` blocks.
@@ -15,9 +15,9 @@ import importlib
 import json
 import sys
 
-from toolvlm.finetune.eval_world import PARTS
+from toolvlm.evaluation.world_models import PARTS
 
-CONTROLLER_MODULE = "toolvlm.finetune.eval_controller"
+CONTROLLER_MODULE = "toolvlm.evaluation.controller"
 
 
 def _controller_module():
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             print("toolvlm eval controller: not built yet in this version", file=sys.stderr)
             return 2
         return int(module.run(args) or 0)
-    from toolvlm.finetune.eval_world import EvalOptions, evaluate, summary_lines
+    from toolvlm.evaluation.world_models import EvalOptions, evaluate, summary_lines
 
     try:
         options = EvalOptions(

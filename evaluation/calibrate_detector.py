@@ -1,6 +1,6 @@
 """Pick the counting score threshold of a trained detector on calibration scenes, and ship it with the weights.
 
-    python -m toolvlm.finetune.calibrate_detector runs/detector/export [--n 80]
+    python -m toolvlm.evaluation.calibrate_detector runs/detector/export [--n 80]
 
 The counter keeps the boxes of a phrase that score above a threshold and survive NMS; which threshold counts
 best depends on the weights. On `n` mixed and `n // 2` crowd scenes of the *train* split (never the held-out
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from toolvlm.finetune.world import annotate, render_scene, sample_scene
 from toolvlm.finetune.world_data import scene_seed
-from toolvlm.finetune.world_text import plural
+from toolvlm.world import annotate, render_scene, sample_scene
+from toolvlm.world.text import plural
 
 log = logging.getLogger(__name__)
 

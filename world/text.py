@@ -1,7 +1,7 @@
 """Words about world scenes: relations between boxes, captions, referring expressions, counts, phrases.
 
 Everything here is computed from the `Scene` data alone (boxes, categories, colours, attributes), so the text
-always agrees with what `world_draw` paints. Relations are image-plane relations between boxes: `left of` /
+always agrees with what `draw` paints. Relations are image-plane relations between boxes: `left of` /
 `right of` need the boxes to share some rows, `above` / `below` some columns, and `next to` a small gap at about
 the same ground line. A referring expression is kept only if `resolve_expression` finds exactly its target.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from toolvlm.finetune.world_scene import CATEGORIES, PALETTES, Object, Scene
 from toolvlm.tools.number_words import number_word
+from toolvlm.world.scene import CATEGORIES, PALETTES, Object, Scene
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "next to", "above", "below")
 MAX_EXPRESSIONS = 12

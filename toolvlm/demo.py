@@ -26,7 +26,7 @@ QUESTIONS = (
 
 def demo_scene():
     """The bundled example: a crowd on grass with a tree, and its annotations."""
-    from toolvlm.finetune.world import annotate, render_scene, sample_scene
+    from toolvlm.world import annotate, render_scene, sample_scene
 
     scene = sample_scene(DEMO_SEED, family="crowd")
     return render_scene(scene), annotate(scene)

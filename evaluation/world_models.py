@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from toolvlm.finetune.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
 from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_prompts, scene_seed
-from toolvlm.finetune.world_text import describe, plural
 from toolvlm.tools import grounding, imaging
+from toolvlm.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
+from toolvlm.world.text import describe, plural
 
 log = logging.getLogger(__name__)
 

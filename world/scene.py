@@ -69,7 +69,7 @@ PLACES: tuple[str, ...] = ("on the grass", "in the air", "in the sky", "on the r
 POSES: dict[str, tuple[str, ...]] = {"person": ("standing",), "dog": ("standing", "lying")}
 FACINGS: tuple[str, ...] = ("left", "right")
 BACKGROUNDS: tuple[str, ...] = ("park", "grass", "sky", "street")
-FAMILIES: tuple[str, ...] = ("crowd", "dog_frisbee", "street", "mixed", "composed")
+FAMILIES: tuple[str, ...] = ("crowd", "dog_frisbee", "street", "mixed", "composed", "scattered")
 
 
 @dataclass
@@ -301,11 +301,17 @@ class WorldConfig:
 
     def with_composed(self, share: float) -> WorldConfig:
         """This world with `share` of its scenes drawn from the composed family, the others' weights scaled."""
+        return self.with_share("composed", share)
+
+    def with_share(self, family: str, share: float) -> WorldConfig:
+        """This world with `share` of its scenes drawn from `family`, the other families' weights scaled."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown scene family {family!r}; families are: {', '.join(FAMILIES)}")
         if not 0 <= share < 1:
-            raise ValueError(f"the composed family's share must be in [0, 1), got {share}")
-        total = sum(w for f, w in self.family_weights.items() if f != "composed")
-        weights = {f: w * (1 - share) / total for f, w in self.family_weights.items() if f != "composed"}
-        return replace(self, family_weights={**weights, "composed": share} if share else weights)
+            raise ValueError(f"the {family} family's share must be in [0, 1), got {share}")
+        total = sum(w for f, w in self.family_weights.items() if f != family)
+        weights = {f: w * (1 - share) / total for f, w in self.family_weights.items() if f != family}
+        return replace(self, family_weights={**weights, family: share} if share else weights)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

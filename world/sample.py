@@ -1,21 +1,25 @@
 """Random scenes of the world, deterministic per seed: four families (crowd, dog and frisbee, street, mixed) and
-a fifth, `composed`, that no default mix draws (a detector's recipe can ask for it).
+two more that no default mix draws (a detector's recipe can ask for them): `composed` and `scattered`.
 
 Ground objects follow a simple perspective: the horizon row is depth 0, the bottom row depth 1, and an object's
 size grows with its depth (small people far up, big people near the bottom). Every box lies inside the canvas,
 and an object may hide at most `WorldConfig.max_overlap` of the box of any object painted before it, so every
 object stays recognisable. The composed family drops the perspective and the family layouts: objects of any
 category at any place and size, on any background (half of them all grass), as people compose scenes for
-`toolvlm world render`. This module only makes `Scene` data; it draws nothing and writes no words.
+`toolvlm world render`. The scattered family widens that again: one category in numbers from none to
+`max_people` (for people) at one scene-wide scale from tiny to near the canvas height, anywhere on any ground
+(all grass, all sky or a horizon row anywhere), with more occlusion allowed. This module only makes `Scene` data; it draws nothing and writes no words.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 
-from toolvlm.finetune.world_scene import (
+from toolvlm.world.scene import (
     FAMILIES,
+    FLYING_CATEGORIES,
     PALETTES,
     Object,
     Scene,
@@ -331,12 +335,70 @@ def _composed(b: _Builder) -> None:
                 break
 
 
+SCATTERED_POOL = ("person", "tree", "dog", "ball", "car", "house", "bench", "bird", "flower", "frisbee")
+SCATTERED_WEIGHTS = (6, 1, 1.5, 1, 1, 0.5, 0.7, 1.2, 1, 0.6)
+SCATTERED_BACKGROUNDS = ("grass", "grass", "park", "park", "street", "sky")
+
+
+def _scattered_size(b: _Builder, category: str, base: float, flies: bool) -> tuple[int, int]:
+    """A size near the scene's scale `base` (a fraction of REF_HEIGHT) with a per-object jitter."""
+    low = MIN_HEIGHT[category] * b.unit
+    h = max(low, REF_HEIGHT[category] * b.H * base * b.rng.uniform(0.75, 1.3))
+    w = h * aspect(category, None, "in the air" if flies else "on the grass")
+    return max(2, min(b.W, round(w))), max(2, min(b.H - 1, round(h)))
+
+
+def _scatter(b: _Builder, category: str, n: int, base: float, limit: float) -> int:
+    """Place up to n objects of a category anywhere they can stand (flyers also in the sky); returns the count."""
+    rng, scene = b.rng, b.scene
+    road = road_top(scene)
+    placed = 0
+    for _ in range(n):
+        pose = {"person": "standing", "dog": rng.choice(("standing", "lying"))}.get(category)
+        for _ in range(40):
+            flies = category in FLYING_CATEGORIES and (scene.horizon >= b.H or rng.random() < 0.4)
+            if not flies and scene.horizon >= b.H - 4:
+                break  # an all-sky scene holds only flyers
+            w, h = _scattered_size(b, category, base, flies)
+            top = h if flies else min(b.H, max(h, scene.horizon + 2))
+            bottom = rng.randint(top, max(top, b.H if flies else b.H))
+            color = b.color(category)
+            obj = b._make(category, w, h, rng.randint(0, b.W - w), bottom, color=color, pose=pose)
+            obj.place = infer_place(category, obj.box, scene.background, scene.horizon, road)
+            obj.facing = rng.choice(("left", "right"))
+            if b.add(obj, limit):
+                placed += 1
+                break
+    return placed
+
+
+def _scattered(b: _Builder) -> None:
+    """One category in numbers (people: 0 to max_people) at one scale, anywhere, overlapping; a few others."""
+    rng, cfg, scene = b.rng, b.config, b.scene
+    if 0 < scene.horizon < b.H and rng.random() < 0.6:
+        b.sky_dressing(p_sun=0.3, max_clouds=3)
+    elif scene.horizon >= b.H:
+        b.sky_dressing(p_sun=0.5, max_clouds=4)
+    limit = rng.uniform(cfg.max_overlap, min(0.6, 2 * cfg.max_overlap))
+    main = rng.choices(SCATTERED_POOL, SCATTERED_WEIGHTS)[0]
+    most = cfg.max_people if main == "person" else 15
+    n = min(rng.randint(0, most), rng.randint(0, most)) if rng.random() < 0.5 else rng.randint(0, most)
+    # one scale per scene (a fraction of the category's near-ground height), log-uniform: dense scenes are smaller
+    top_scale = 1.5 if n < 8 else 0.9 if n < 25 else 0.6
+    base = math.exp(rng.uniform(math.log(0.12), math.log(top_scale)))
+    _scatter(b, main, n, base, limit)
+    for category in rng.choices(SCATTERED_POOL, SCATTERED_WEIGHTS, k=rng.randint(0, 4)):
+        if category != main:
+            _scatter(b, category, 1, math.exp(rng.uniform(math.log(0.15), math.log(1.3))), limit)
+
+
 _FAMILY_BUILDERS = {
     "crowd": _crowd,
     "dog_frisbee": _dog_frisbee,
     "street": _street,
     "mixed": _mixed,
     "composed": _composed,
+    "scattered": _scattered,
 }
 _FAMILY_BACKGROUND = {"crowd": "park", "dog_frisbee": "park", "street": "street", "mixed": "park"}
 
@@ -350,8 +412,12 @@ def sample_scene(seed: int, config: WorldConfig | None = None, family: str | Non
         family = rng.choices(names, [config.family_weights[f] for f in names])[0]
     elif family not in FAMILIES:
         raise ValueError(f"unknown scene family {family!r}; families are: {', '.join(FAMILIES)}")
-    background = _FAMILY_BACKGROUND.get(family) or rng.choice(COMPOSED_BACKGROUNDS)
-    horizon = round(rng.uniform(0.28, 0.45) * config.height)
+    if family == "scattered":
+        background = rng.choice(SCATTERED_BACKGROUNDS)
+        horizon = round(rng.uniform(0.05, 0.7) * config.height)
+    else:
+        background = _FAMILY_BACKGROUND.get(family) or rng.choice(COMPOSED_BACKGROUNDS)
+        horizon = round(rng.uniform(0.28, 0.45) * config.height)
     if background not in ("park", "street"):
         horizon = default_horizon(background, config.height)
     builder = _Builder(rng, config, family, background, horizon)

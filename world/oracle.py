@@ -25,9 +25,6 @@ import random
 
 from PIL import Image
 
-from toolvlm.finetune.world import Object, Scene, referring_expressions, render_scene
-from toolvlm.finetune.world_scene import CATEGORIES, DEFAULT_COLOUR, PALETTES
-from toolvlm.finetune.world_text import describe, plural
 from toolvlm.tools.base import Tool
 from toolvlm.tools.captioner import CaptionerTool
 from toolvlm.tools.counter import CounterTool
@@ -37,6 +34,9 @@ from toolvlm.tools.grounding import GroundingTool
 from toolvlm.tools.image_backends import ImageBackend
 from toolvlm.tools.layout import Layout
 from toolvlm.vlm.images import image_key
+from toolvlm.world import Object, Scene, referring_expressions, render_scene
+from toolvlm.world.scene import CATEGORIES, DEFAULT_COLOUR, PALETTES
+from toolvlm.world.text import describe, plural
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pick the per-category *describe* thresholds of a detector on training scenes, and ship them with the weights.
 
-    python -m toolvlm.finetune.calibrate_describe bundle/detector [--n 200] [--fp-weight 3]
+    python -m toolvlm.evaluation.calibrate_describe bundle/detector [--n 200] [--fp-weight 3]
 
 The `grounded` captioner (tools/grounded_caption.py) mentions a category when the detector's best box for it
 clears the category's describe threshold. A false mention (a sun in a grass-only scene) reads worse than a missed
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from toolvlm.finetune.world import render_scene, sample_scene
 from toolvlm.finetune.world_data import scene_seed
-from toolvlm.finetune.world_scene import CATEGORIES
 from toolvlm.tools.detectors import CALIBRATION, make_detector
 from toolvlm.tools.grounding import locate
+from toolvlm.world import render_scene, sample_scene
+from toolvlm.world.scene import CATEGORIES
 
 log = logging.getLogger(__name__)
 

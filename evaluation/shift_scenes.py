@@ -1,13 +1,13 @@
 """A second scene composer for the distribution-shift evaluation, written apart from the training sampler.
 
 `compose_scene(seed)` draws a world `Scene` (the same dataclasses, categories and colours as the world, drawn by
-the same `world_draw` renderer) with none of `world_sample`'s layout rules: any horizon row, including all grass
+the same `world.draw` renderer) with none of `world.sample`'s layout rules: any horizon row, including all grass
 (no sky) and all sky; ground objects anywhere on the canvas, not on a perspective ground line; sizes drawn per
 scene over a wider range (tiny and large people); 0-60 people; objects overlapping each other (each keeps at
 least `1 - max_hidden` of its box unpainted by objects painted after it, so it stays countable). Deterministic in
 the seed, from its own random stream.
 
-Evaluation only: training code (world_sample, build_world, world_data, train_*) must never import this module,
+Evaluation only: training code (world/, finetune/) must never import this module,
 so that the shifted set stays a set the controller never trained on. It knows scenes, not words or models.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from toolvlm.finetune.world_scene import (
+from toolvlm.world.scene import (
     CATEGORIES,
     FLYING_CATEGORIES,
     PALETTES,

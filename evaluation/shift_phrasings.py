@@ -14,7 +14,7 @@ LLaVA-Plus, Visual ChatGPT, RefCOCO) and never in `build_world`'s grammar:
 - `polite`: indirect requests for any of the tasks ("I was wondering if you could ...").
 
 `plan_shift(n, seed)` pairs scenes of the independent composer (`shift_scenes`) with turns of these families, in
-the `Turn` form `eval_controller` scores (expected first calls, truth, and scripted replies of a perfect
+the `Turn` form `evaluation.controller` scores (expected first calls, truth, and scripted replies of a perfect
 controller for tests). A family may accept more than one first act (a yes/no question answered directly or by a
 grounding search; a generation started by the counter or by the generator): `truth["alternatives"]`.
 
@@ -29,12 +29,12 @@ import random
 import re
 from typing import Any
 
+from toolvlm.evaluation.shift_scenes import ShiftConfig, compose_scene
 from toolvlm.finetune.build_world import Turn
-from toolvlm.finetune.shift_scenes import ShiftConfig, compose_scene
-from toolvlm.finetune.world_scene import Scene
-from toolvlm.finetune.world_text import annotate, count_phrase, plural
 from toolvlm.tools.count_change import target_count
 from toolvlm.tools.number_words import number_word
+from toolvlm.world.scene import Scene
+from toolvlm.world.text import annotate, count_phrase, plural
 
 SHIFT_SEED = 737373  # the shifted set's seed: scenes are compose_scene(f"{seed}/{i}")
 MAX_TARGET = 60  # a generation request stays within crowds the world draws

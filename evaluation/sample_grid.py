@@ -1,6 +1,6 @@
 """A picture of what the in-house generator draws: held-out world layouts, the drawn scene above, samples below.
 
-    python -m toolvlm.finetune.sample_grid --generator bundle/generator --out docs/generator_samples.png
+    python -m toolvlm.evaluation.sample_grid --generator bundle/generator --out docs/generator_samples.png
 
 Column k is held-out scene k (eval seeds, never trained on): row 1 the world's own drawing, then one generated
 sample per seed from that scene's layout (boxes and categories only; colours are the generator's choice). The
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from toolvlm.finetune.eval_world import eval_scenes
-from toolvlm.finetune.world import annotate, render_scene
+from toolvlm.evaluation.world_models import eval_scenes
 from toolvlm.finetune.world_data import layout_of
+from toolvlm.world import annotate, render_scene
 
 CELL = 128
 PAD = 4

@@ -1,8 +1,8 @@
 """The procedurally drawn world: public API for sampling, rendering and annotating scenes, and writing datasets.
 
 Scenes mirror the workflow's picture (people outdoors on grass under a sky, trees, a dog lying next to a frisbee)
-and carry exact annotations. The parts live in `world_scene` (data model, specs, config), `world_sample`
-(random scenes), `world_draw` (Pillow rendering) and `world_text` (relations, captions, referring expressions).
+and carry exact annotations. The parts live in `scene` (data model, specs, config), `sample`
+(random scenes), `draw` (Pillow rendering) and `text` (relations, captions, referring expressions).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from toolvlm.finetune.world_draw import render_scene
-from toolvlm.finetune.world_sample import sample_scene
-from toolvlm.finetune.world_scene import (
+from toolvlm.world.draw import render_scene
+from toolvlm.world.sample import sample_scene
+from toolvlm.world.scene import (
     CATEGORIES,
     COLOURS,
     FAMILIES,
@@ -24,7 +24,7 @@ from toolvlm.finetune.world_scene import (
     WorldConfig,
     scene_from_spec,
 )
-from toolvlm.finetune.world_text import (
+from toolvlm.world.text import (
     annotate,
     caption,
     paragraph,

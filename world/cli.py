@@ -1,6 +1,6 @@
 """`toolvlm world sample` and `toolvlm world render`: write a dataset of world scenes, or draw one scene spec.
 
-The only module of the world that prints; the work is done by `toolvlm.finetune.world`.
+The only module of the world that prints; the work is done by `toolvlm.world`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _load_json(path: Path, what: str) -> object:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from toolvlm.finetune.world import WorldConfig, sample_dataset
+    from toolvlm.world import WorldConfig, sample_dataset
 
     if args.n < 0:
         return _error(args, f"--n must be >= 0, got {args.n}")
@@ -64,7 +64,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from toolvlm.finetune.world import annotate, render_scene, scene_from_spec
+    from toolvlm.world import annotate, render_scene, scene_from_spec
 
     spec = _load_json(args.scene, "scene file")
     scene = scene_from_spec(spec)  # type: ignore[arg-type]  # validates, raising ValueError
