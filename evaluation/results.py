@@ -1,10 +1,12 @@
 """docs/RESULTS.md, written from the bundle's metrics JSON: the figures live in data, not in prose.
 
-    python -m toolvlm.evaluation.results [--bundle bundle] [--out docs/RESULTS.md]
+    python -m toolvlm.evaluation.results [--bundle bundle] [--experiments docs/experiments.json] [--out docs/RESULTS.md]
 
 Every number in the page comes from `bundle/metrics_*.json` (written by `toolvlm eval ... --json`); nested
-blocks become sections, scalars become table rows, per-turn lists are left out. Rerun it after every eval.
-It knows JSON and Markdown; not models, tasks or what a good figure is.
+blocks become sections, scalars become table rows, per-turn lists are left out. The experiment log
+(`docs/experiments.json`: records of part, figures and command, for runs behind the bundle and runs not adopted)
+becomes the last section. Rerun it after every eval. It knows JSON and Markdown; not models, tasks or what a
+good figure is.
 """
 
 from __future__ import annotations
@@ -44,11 +46,30 @@ def render_block(title: str, data: dict[str, Any], depth: int = 2) -> list[str]:
     return lines
 
 
-def render(files: list[Path]) -> str:
-    """The whole page for these metrics files."""
-    lines = [HEADER.format(files=", ".join(f.name for f in files))]
+def render_experiments(log: dict[str, Any]) -> list[str]:
+    """Markdown lines for the experiment log: its `about` line, then one table row per record."""
+    lines = [
+        "## Experiments",
+        "",
+        log.get("about", ""),
+        "",
+        "| part | figures | command |",
+        "| --- | --- | --- |",
+    ]
+    for record in log["records"]:
+        cells = (record.get(k, "").replace("\n", " ") for k in ("part", "figures", "command"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def render(files: list[Path], experiments: Path | None = None) -> str:
+    """The whole page for these metrics files (and the experiment log, when given)."""
+    names = [f.name for f in files] + ([experiments.name] if experiments else [])
+    lines = [HEADER.format(files=", ".join(names))]
     for path in files:
         lines += render_block(path.stem, json.loads(path.read_text()))
+    if experiments is not None:
+        lines += render_experiments(json.loads(experiments.read_text()))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -56,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     """Write docs/RESULTS.md from the bundle's metrics files."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=bundle_dir(), help="folder holding metrics_*.json")
+    parser.add_argument("--experiments", type=Path, default=Path("docs/experiments.json"), help="the run log")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args(argv)
     files = sorted(args.bundle.glob("metrics_*.json"))
     if not files:
         parser.error(f"no metrics_*.json in {args.bundle}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(files))
+    experiments = args.experiments if args.experiments.is_file() else None
+    args.out.write_text(render(files, experiments))
     print(f"wrote {args.out} from {len(files)} metrics files")
     return 0
 

@@ -21,6 +21,18 @@ def test_render_tables_every_scalar_and_skips_turns(tmp_path):
     assert "| ood | null |" in page and "turns" not in page
 
 
+def test_the_experiment_log_becomes_the_last_section(tmp_path):
+    metrics, log = tmp_path / "metrics_x.json", tmp_path / "experiments.json"
+    metrics.write_text(json.dumps({"n": 3}))
+    log.write_text(
+        json.dumps({"about": "runs", "records": [{"part": "detector", "figures": "AP 0.9", "command": "c"}]})
+    )
+    page = render([metrics], log)
+    assert page.index("## metrics_x") < page.index("## Experiments")
+    assert "| detector | AP 0.9 | c |" in page and "experiments.json" in page.splitlines()[2]
+
+
 def test_committed_results_page_is_up_to_date():
     files = sorted((ROOT / "bundle").glob("metrics_*.json"))
-    assert (ROOT / "docs" / "RESULTS.md").read_text() == render(files)
+    page = render(files, ROOT / "docs" / "experiments.json")
+    assert (ROOT / "docs" / "RESULTS.md").read_text() == page
