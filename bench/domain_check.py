@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from toolvlm.bundle import DOMAIN_STATS, bundle_dir
 from toolvlm.tools.domain import (
     DomainCheck,
     DomainStats,
@@ -196,7 +197,7 @@ def fit(args: argparse.Namespace, encoder: Path) -> DomainStats:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stats", default="bundle/domain.safetensors", help="the statistics file")
+    parser.add_argument("--stats", default=str(bundle_dir() / DOMAIN_STATS), help="the statistics file")
     parser.add_argument("--fit", action="store_true", help="fit the statistics first and write --stats")
     parser.add_argument("--feature", default="patch_mean", choices=("patch_mean", "projection"))
     parser.add_argument("--components", type=int, default=24)

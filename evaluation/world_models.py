@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolvlm.bundle import WORLD_PARTS
 from toolvlm.finetune.world_data import colour_phrases, layout_of, presence_prompts, scene_seed
 from toolvlm.tools import grounding, imaging
 from toolvlm.world import CATEGORIES, COLOURS, annotate, render_scene, sample_scene
@@ -39,7 +40,7 @@ from toolvlm.world.text import describe, plural
 
 log = logging.getLogger(__name__)
 
-PARTS = ("encoder", "detector", "captioner", "generator")
+PARTS = WORLD_PARTS  # the parts it scores
 TARGETS = {
     "encoder.presence_accuracy": 0.95,
     "grounding.ap50_category": 0.90,
