@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import runpy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,12 +157,14 @@ def test_args_schema_accepts_good_input_and_applies_defaults(scene, scene_path):
     lc = to_langchain(ours)
     image = scene(40, 30)
     data_url = "data:image/png;base64," + png_base64(image)
-    for source in (str(scene_path), image, data_url):
-        message = _call(lc, {"image": source, "size": "8", "options": {"label": "a", "weight": 2}})
+    options = [{"label": "a", "weight": 2}, {"label": "b"}, None]
+    for source, option in zip((str(scene_path), image, data_url), options, strict=True):
+        message = _call(lc, {"image": source, "size": "8", "options": option})
         assert message.status == "success", message.content
     assert [c["size"] for c in ours.calls] == [8, 8, 8]  # "8" coerced to an integer
     assert [c["ratio"] for c in ours.calls] == [0.5] * 3  # the schema's default
-    assert [c["options"] for c in ours.calls] == [{"label": "a", "weight": 2.0}] * 3  # a plain dict again
+    # nested objects arrive as plain dicts of what was given (no None for the weight left out)
+    assert [c["options"] for c in ours.calls] == [{"label": "a", "weight": 2.0}, {"label": "b"}, None]
     assert [c["image"].size for c in ours.calls] == [(160, 120), (40, 30), (40, 30)]
     assert list(ours.calls[2]["image"].getdata()) == list(image.getdata())  # the data URL decoded exactly
 
@@ -174,7 +179,11 @@ def test_args_schema_renders_every_registered_tools_schema():
         assert rendered["additionalProperties"] is False
         for key, prop in declared.items():
             got = rendered["properties"][key]
-            assert got.get("description", "").startswith(prop.get("description", "")), (name, key)
+            if prop.get("format") == "image":  # handles (img_0) mean nothing to a LangChain model
+                assert got["description"].endswith(": a file path or a data URL (data:image/png;base64,...)")
+                assert "img_" not in got["description"], (name, key)
+            else:
+                assert got.get("description") == prop.get("description"), (name, key)
             typed = got if key in tool.inputs.get("required", []) else got["anyOf"][0]
             for bound in KEPT_KEYWORDS:
                 if bound in prop:
@@ -236,3 +245,29 @@ def test_round_trip_and_image_blocks_back_into_our_tools(scene):
     assert painted.content == "painted red" and not painted.error
     assert [im.size for im in painted.images] == [(8, 6)]
     assert painted.images[0].convert("RGB").getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_langchain_example_runs(scene_path, capsys):
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "langchain_tools.py"))
+    example["main"](str(scene_path))
+    printed = capsys.readouterr().out
+    offered = json.loads(printed[: printed.index("\ncall_1")])
+    assert offered["required"] == ["image", "phrase"]
+    assert offered["properties"]["image"]["description"].startswith("the image to count in: a file path")
+    assert offered["properties"]["threshold"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 1}
+    assert "call_1 counter: status=success blocks=['text', 'image']" in printed
+    assert "call_3 grounding: status=error blocks=['text'] text=\"grounding: the phrase is empty" in printed
+    assert "refused before the tool ran: ('threshold',)" in printed
+
+
+def test_schemas_a_model_cannot_express_are_refused_naming_the_tool():
+    tree = {
+        "type": "object",
+        "properties": {"node": {"$ref": "#/$defs/Node"}},
+        "$defs": {"Node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/Node"}}}},
+    }
+    remote = {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
+    for inputs, problem in ((tree, "nests more than 32 levels"), (remote, "is not local")):
+        odd = type("Odd", (Tool,), {"name": "odd", "description": "odd", "inputs": inputs})
+        with pytest.raises(ValueError, match=f"tool 'odd': cannot turn its input schema .*{problem}"):
+            to_langchain(odd())

@@ -31,6 +31,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,7 +44,8 @@ from toolvlm.tools.mcp_server import decode_image, png_base64
 
 SCHEMA_KEYS = ("type", "properties", "required", "$defs", "additionalProperties")
 IMAGE_NOTE = "a file path or a data URL (data:image/png;base64,...)"
-MAX_REF_DEPTH = 32  # a $ref chain deeper than this is taken for a recursive schema, which is refused
+_HANDLE_NOTE = re.compile(r"\s*\([^()]*\bimg_\d+\)")  # "(a handle such as img_0)" in our descriptions
+MAX_DEPTH = 32  # schemas nested (or $refs followed) deeper than this are taken for recursive ones and refused
 _PRIMITIVES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool, "null": None}
 _BOUNDS = {
     "minimum": "ge",
@@ -86,10 +88,8 @@ ImageArgument = Annotated[
 def _resolve(prop: dict[str, Any], root: dict[str, Any], depth: int) -> dict[str, Any]:
     """Follow a local `$ref` (`#/$defs/Name` or `#/definitions/Name`) to the schema it names."""
     while "$ref" in prop:
-        if depth > MAX_REF_DEPTH:
-            raise ValueError(
-                f"schema $ref {prop['$ref']!r} nests more than {MAX_REF_DEPTH} levels (recursive?)"
-            )
+        if depth > MAX_DEPTH:
+            raise ValueError(f"schema $ref {prop['$ref']!r} nests more than {MAX_DEPTH} levels (recursive?)")
         ref = prop["$ref"]
         if not ref.startswith("#/"):
             raise ValueError(f"schema $ref {ref!r} is not local (only '#/$defs/...' refs are supported)")
@@ -115,8 +115,8 @@ def field_type(
     `describe` is False: a model field carries it on the field instead)."""
     root = prop if root is None else root
     prop = _resolve(prop, root, depth)
-    if depth > MAX_REF_DEPTH:
-        raise ValueError(f"schema nests more than {MAX_REF_DEPTH} levels")
+    if depth > MAX_DEPTH:
+        raise ValueError(f"schema nests more than {MAX_DEPTH} levels")
     extra = _constraints(prop)
     if describe and "description" in prop:
         extra["description"] = prop["description"]
@@ -195,9 +195,9 @@ def args_model(tool: Tool) -> type[BaseModel]:
     inputs = dict(tool.inputs)
     properties = {}
     for key, prop in inputs.get("properties", {}).items():
-        if isinstance(prop, dict) and prop.get("format") == IMAGE_FORMAT:
-            described = prop.get("description", "the image")
-            prop = {**prop, "description": f"{described}; here {IMAGE_NOTE}"}
+        if isinstance(prop, dict) and prop.get("format") == IMAGE_FORMAT:  # no handles (img_0) here
+            described = _HANDLE_NOTE.sub("", prop.get("description", "the image"))
+            prop = {**prop, "description": f"{described}: {IMAGE_NOTE}"}
         properties[key] = prop
     inputs["properties"] = properties
     try:
@@ -219,9 +219,12 @@ def content_blocks(output: ToolOutput) -> list[dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    """Validated arguments back to plain data (nested pydantic models as dicts) for our tool."""
+    """Validated arguments back to plain data for our tool: a nested object as a dict of the keys given (no
+    None filled in for the optional ones left out)."""
     if isinstance(value, BaseModel):
-        return {k: _plain(v) for k, v in value.model_dump().items()}
+        return {k: _plain(getattr(value, k)) for k in value.model_fields_set}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
