@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import ToolMessage, convert_to_openai_messages
 from langchain_core.tools import ToolException
 from langchain_core.tools import tool as lc_tool
 from PIL import Image
@@ -218,6 +218,10 @@ def test_image_outputs_arrive_as_image_content_blocks(scene, tiny_models):
     made = message.artifact.images[0]
     assert list(_decode(image_block).convert("RGB").getdata()) == list(made.convert("RGB").getdata())
     assert list(made.getdata()) != list(scene().getdata())  # the box was drawn
+    assert message.content_blocks[1]["type"] == "image"  # langchain-core reads it as a standard block
+    (openai,) = convert_to_openai_messages([message])  # what an OpenAI-format vision model is sent
+    assert openai["role"] == "tool"
+    assert openai["content"][1]["image_url"]["url"] == "data:image/png;base64," + image_block["base64"]
     grounding = to_langchain(GroundingTool(backend="owlvit", model=str(tiny_models("owlvit")), threshold=0.0))
     found = _call(grounding, {"image": scene(), "phrase": "person", "max_boxes": 2})
     assert found.content[0]["text"].startswith("found")
