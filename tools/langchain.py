@@ -4,8 +4,8 @@
 
 - Its `args_schema` is a pydantic model built from the tool's JSON input schema (`args_model`): types,
   required and optional arguments, defaults, enums, descriptions, bounds of numbers, lengths of strings and
-  arrays. LangChain validates a call against it and raises a `ValidationError` before our tool runs; unknown
-  arguments are refused. Image parameters (`{"type": "string", "format": "image"}`) take a file path, a data
+  arrays, nested objects and local `$ref`s (recursive schemas are refused). LangChain validates a call against
+  it and raises a `ValidationError` before our tool runs; unknown arguments are refused. Image parameters (`{"type": "string", "format": "image"}`) take a file path, a data
   URL (`data:image/png;base64,...`) or a PIL image; a data URL is decoded during validation.
 - `response_format="content_and_artifact"`: the content is a list of langchain-core standard content blocks,
   `{"type": "text", "text": ...}` with our `ToolOutput.content` and one
@@ -13,7 +13,7 @@
   carries the images to a multimodal chat model; the artifact is the whole `ToolOutput`.
 - A tool's input error (`ToolOutput(error=True)`, or a `ToolInputError` it raised) is raised as a
   `ToolException` with `handle_tool_error=True`: invoked with a `ToolCall`, the tool returns a `ToolMessage`
-  with `status="error"` and the error text as its content (langchain-core gives an error message no artifact).
+  with `status="error"` and the error text as its content (langchain-core attaches no artifact to an error).
   Bugs and missing weights raise as they do in our tools.
 
 `from_langchain(lc_tool)` wraps any langchain-core `BaseTool` as a `Tool` (schema from its input JSON schema),
