@@ -160,3 +160,33 @@ def test_engine_rebuilds_the_step_when_weights_change(gqa_dir):
     after = list(engine.generate(ids, config=cfg))
     assert engine._fast is not first and engine.stats.fast_steps == 15
     assert after == _hf_greedy(vlm, ids, 16) and after != before
+
+
+@pytest.mark.smollm2
+def test_smollm2_bf16_engine_tokens_are_transformers_generate():
+    from toolvlm.vlm import VisionSpec, VLMSpec
+
+    vision = VisionSpec(
+        image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1
+    )
+    vlm = build_vlm(VLMSpec(lm="smollm2", vision=vision), dtype="bfloat16")
+    questions = [
+        "What is the capital of France?",
+        "Describe a meadow with a tree and some people in two sentences.",
+        "Count from one to ten in words.",
+        "Write a haiku about rain.",
+        "What colour is the sky on a clear day, and why?",
+        "Give three tips for staying focused.",
+    ]
+    engine, fast_steps = vlm.engine, 0
+    for question in questions:
+        ids = vlm.render([{"role": "user", "content": question}], add_generation_prompt=True).input_ids
+        engine.reset()
+        cfg = SamplingConfig(max_new_tokens=48, stop_token_ids=vlm.stop_token_ids)
+        tokens = list(engine.generate(ids, config=cfg))
+        fast_steps += engine.stats.fast_steps
+        expected = _hf_greedy(vlm, ids, 48)  # stops after the end of turn, which the engine does not yield
+        assert tokens == expected[: len(tokens)], f"{question!r}: the engine's greedy tokens differ"
+        rest = expected[len(tokens) :]
+        assert rest == [] or (len(rest) == 1 and rest[0] in vlm.stop_token_ids)
+    assert fast_steps > 6 * 20
