@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 rates["llama_cpp"].append((n - 1) / llama[0])
                 gguf_bytes = llama[1]
         print(f"[{i + 1}/{args.n}] {n} tokens, prefill {prefill_s:.2f} s; tokens/s: "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v)
+              + (", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v) if n >= MIN_TIMED_TOKENS
+                 else "not timed (short)")
               + f"; generate same as the engine: {hf_tokens == plain}", file=sys.stderr)  # fmt: skip
 
     weights, kv = decode_bytes(vlm.model, statistics.mean(contexts))
