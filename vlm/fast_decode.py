@@ -1,24 +1,21 @@
 """A one-token decode step for LLaMA-family language models that computes what transformers computes, faster.
 
-Decoding one token of a small LM on a CPU should be bound by reading the weights once. With eager transformers
-in bf16 it is not: every `nn.Linear` runs as oneDNN's matmul on the plain (out, in) weight, which the library
-repacks into its blocked layout on every call (and SmolLM2-135M's 49152 x 576 head is 57 MB). Measured on the
-2-core dev machine: a 576 x 1536 bf16 linear reads 20-28 GB/s plain, 53-65 GB/s on a prepacked weight; the head
-4-5 ms plain, 1.2 ms prepacked; 52 ms per token in all.
+`LlamaDecodeStep` runs the decode step of one token of a `LlamaModel` and its head by hand:
 
-`LlamaDecodeStep` runs a decode step of one token of a `LlamaModel` + head by hand, on weights packed once:
-
-- q, k and v projections concatenated into one packed weight, gate and up into another (one matmul each);
-  o, down and the head packed alone;
+- the q, k and v projections as one matmul over their concatenated weights, gate and up as another, where
+  that gives the separate matmuls' bits (checked on random inputs when the step is built; else separate);
 - every other operation exactly as transformers' `modeling_llama` does it (RMSNorm in fp32, the same rotary
-  cos/sin, the same `scaled_dot_product_attention` call), so the logits are the same bits as the model's own
-  forward, and greedy text is unchanged. This holds only if a packed (or concatenated) matmul gives the same
-  bits as the plain one; that depends on the CPU and the oneDNN build, so it is checked when the step is built,
-  on random inputs, shape by shape: a packing that differs is not used (the plain weight is), and the tests
-  compare logits bit for bit with the model's forward over many steps.
+  cos/sin, the same `scaled_dot_product_attention` call), without the module, hook and mask overhead, so
+  the logits are the same bits as the model's forward and greedy text is unchanged (the tests compare logits
+  bit for bit over many steps, and tokens with transformers' `generate`);
 - the KV cache is a `DynamicCache` whose layers write into preallocated buffers (`BufferLayer`) instead of
   concatenating a new tensor every token; the model's own forward (prefill, drafted or forced tokens) uses the
-  same cache, and sees the same keys and values.
+  same cache and sees the same keys and values.
+
+Not used, measured on the 2-core dev machine (AVX512-BF16): oneDNN weights prepacked once
+(`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`) run the bf16 linears 1.3-3x faster (the
+49152 x 576 head 1.2 ms instead of 4-5 ms), but by another kernel (inner product, not matmul) whose sums differ
+in the last bit for a few outputs (2 of 49216 logits on one input), so greedy text could change.
 
 The step knows LLaMA's decoder layer and nothing else: other architectures, LoRA layers not merged, a model in
 training mode or another attention implementation get `None` from `LlamaDecodeStep.build` (with the reason
