@@ -241,7 +241,7 @@ class LlamaDecodeStep:
         return cls(lm, head, model)
 
     def is_current(self) -> bool:
-        """Whether the model's weights are still the ones the step packed (not replaced or changed in place)."""
+        """Whether the model's weights are still the ones the step copied (not replaced or changed in place)."""
         return not self.model.training and _weights_signature(self.model) == self.signature
 
     def _rotary(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
