@@ -8,7 +8,8 @@ counts the bytes one decode step reads (the LM's weights without the input embed
 negligible; the lm head, tied or not; the KV cache at the mean context), and times, on the same describe
 requests of the world (`toolvlm eval controller`'s held-out phrasings, another seed), side by side:
 
-- toolvlm's engine, greedy, drafts off (plain) and on (the controller's n-gram draft corpus; the engine decodes
+- toolvlm's engine, greedy, drafts off (plain: one-token steps by `toolvlm.vlm.fast_decode.LlamaDecodeStep`, the
+  model forward's logits bit for bit) and on (the controller's n-gram draft corpus; the engine decodes
   without drafts in bf16, where they could change the text, so compare with `--dtype float32`);
 - transformers' `generate` on the same model, greedy, the same number of new tokens;
 - llama.cpp (llama-cpp-python) on the GGUF the base LM comes from, when `llama_cpp` imports: the base LM's
@@ -25,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -38,6 +40,7 @@ from toolvlm.vlm.engine import SamplingConfig
 from toolvlm.world import render_scene
 
 BENCH_SEED = 616161  # not the eval's seed
+MIN_TIMED_TOKENS = 32  # replies shorter than this are checked for equal tokens but not timed
 
 
 def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
@@ -103,7 +106,11 @@ def time_hf_generate(vlm, rendered, n_tokens: int) -> tuple[list[int], float]:
 def time_llama_cpp(n_tokens: int, prompt: str) -> tuple[float, int] | str:
     """llama.cpp's greedy decode of `n_tokens` on the base LM's GGUF: (decode seconds, file bytes), or why not."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return "llama_cpp (llama-cpp-python) is not installed"
+        binaries = [b for b in ("llama-bench", "llama-cli") if shutil.which(b)]
+        found = (
+            f"; {', '.join(binaries)} on PATH (not driven by this bench)" if binaries else ", nor llama-bench"
+        )
+        return f"llama_cpp (llama-cpp-python) is not installed{found}"
     import llama_cpp
 
     from toolvlm.vlm.base_lm import smollm2_gguf
@@ -135,28 +142,32 @@ def main(argv: list[str] | None = None) -> int:
     if vlm.drafter is None:
         parser.error(f"{args.bundle}'s controller has no draft corpus")
     rates: dict[str, list[float]] = {"plain": [], "drafts": [], "hf_generate": [], "llama_cpp": []}
-    same, drafts_used, contexts, notes, gguf_bytes = 0, 0, [], [], 0
+    same, drafts_used, contexts, notes, gguf_bytes, same_as_generate, fast_steps = 0, 0, [], [], 0, 0, 0
     for i, (scene, turn) in enumerate(plan_eval(args.n, args.seed, tasks=("describe",))):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.text}]}]
         rendered = vlm.render(messages, [render_scene(scene)], add_generation_prompt=True)
         plain, plain_s, prefill_s = time_engine(vlm, rendered, args.max_new_tokens, drafts=False)
+        fast_steps += vlm.engine.stats.fast_steps
         drafted, drafts_s, _ = time_engine(vlm, rendered, args.max_new_tokens, drafts=True)
         same += drafted == plain
         drafts_used += vlm.engine.stats.drafted_tokens > 0
         n = len(plain)
         contexts.append(len(rendered.input_ids) + n / 2)
         hf_tokens, hf_s = time_hf_generate(vlm, rendered, n)
-        rates["plain"].append((n - 1) / plain_s)  # the first token comes with the prefill
-        rates["drafts"].append((len(drafted) - 1) / drafts_s)
-        rates["hf_generate"].append((n - 1) / hf_s)
-        llama = time_llama_cpp(n, vlm.tokenizer.decode(rendered.input_ids))
-        if isinstance(llama, str):
-            notes = [f"llama.cpp skipped: {llama}"]
-        else:
-            rates["llama_cpp"].append((n - 1) / llama[0])
-            gguf_bytes = llama[1]
+        same_as_generate += hf_tokens == plain
+        if n >= MIN_TIMED_TOKENS:  # (a short reply's decode time is mostly the noise of its prefill's)
+            rates["plain"].append((n - 1) / plain_s)  # the first token comes with the prefill
+            rates["drafts"].append((len(drafted) - 1) / drafts_s)
+            rates["hf_generate"].append((n - 1) / hf_s)
+            llama = time_llama_cpp(n, vlm.tokenizer.decode(rendered.input_ids))
+            if isinstance(llama, str):
+                notes = [f"llama.cpp skipped: {llama}"]
+            else:
+                rates["llama_cpp"].append((n - 1) / llama[0])
+                gguf_bytes = llama[1]
         print(f"[{i + 1}/{args.n}] {n} tokens, prefill {prefill_s:.2f} s; tokens/s: "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v)
+              + (", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v) if n >= MIN_TIMED_TOKENS
+                 else "not timed (short)")
               + f"; generate same as the engine: {hf_tokens == plain}", file=sys.stderr)  # fmt: skip
 
     weights, kv = decode_bytes(vlm.model, statistics.mean(contexts))
@@ -171,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"{name}_vs_limit"] = round(rate / own_limit, 3)
     figures.update(
         identical_drafted_replies=round(same / args.n, 4),
+        plain_same_as_generate=round(same_as_generate / args.n, 4),
+        fast_decode_steps=fast_steps,  # plain steps run by the LLaMA decode step (0: the model's forward)
         drafts_used=drafts_used,  # replies whose decoding drafted (none in bf16: see toolvlm.vlm.engine.TIE_MARGINS)
         dtype=str(vlm.engine.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),

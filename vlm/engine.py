@@ -16,6 +16,10 @@
   is run again alone, as plain decoding runs it. In bf16 the rounding differences are as large as common
   margins, so bf16 (and fp16) decode without drafts unless `tie_margin` is set: the text is always the
   one-token greedy text (a bf16 test over many prompts compares them token by token).
+- One-token decode steps of a LLaMA language model run through `fast_decode.LlamaDecodeStep` (fused
+  projections, a preallocated KV cache, no module overhead): the same logits, bit for bit, as the model's
+  forward, which still runs the prefill and every pass over several tokens. Other models decode with their
+  forward; `fast_decode=False` turns the step off.
 
 The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
 """
@@ -37,6 +41,7 @@ from transformers.generation.logits_process import (
 )
 
 from .drafting import Drafter
+from .fast_decode import BufferLayer, LlamaDecodeStep, buffer_cache
 from .images import image_key
 
 logger = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class EngineStats:
     accepted_tokens: int = 0  # of the generated: guesses the model agreed with
     rechecked_tokens: int = 0  # drafted positions run again alone: their top two scores were a near-tie
     forward_passes: int = 0  # after the prefill
+    fast_steps: int = 0  # of the forward passes: one-token steps run by the LLaMA decode step
     encoded_images: int = 0
     cached_images: int = 0
 
@@ -87,6 +93,7 @@ class LlavaEngine:
         image_token_id: int,
         max_cached_images: int = 64,
         tie_margin: float | None = None,
+        fast_decode: bool = True,
     ):
         self.model = model
         self.image_processor = image_processor
@@ -97,6 +104,9 @@ class LlavaEngine:
         self._cache: DynamicCache | None = None
         self._cache_keys: list[object] = []
         self.stats = EngineStats()
+        self.fast_decode = fast_decode  # one-token steps of a LLaMA LM by `LlamaDecodeStep` (same logits)
+        self._fast: LlamaDecodeStep | None = None
+        self._fast_checked = False
 
     # -- caches -------------------------------------------------------------------------------------------
 
@@ -166,6 +176,16 @@ class LlavaEngine:
                 embeds[0, lo - start : hi - start] = feat[lo - a : hi - a].to(embeds.dtype)
         return embeds
 
+    def _decode_step(self) -> LlamaDecodeStep | None:
+        """The LLaMA decode step for the model's current weights, built at first use; None where it does not apply."""
+        if not self.fast_decode:
+            return None
+        if self._fast is not None and not self._fast.is_current():
+            self._fast, self._fast_checked = None, False  # weights replaced or changed: build again
+        if not self._fast_checked:
+            self._fast, self._fast_checked = LlamaDecodeStep.build(self.model), True
+        return self._fast
+
     def _forward(self, embeds: torch.Tensor, keep: int = 1) -> torch.Tensor:
         """Logits of the last `keep` positions, (keep, vocab)."""
         out = self.model(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=keep)
@@ -201,8 +221,15 @@ class LlavaEngine:
             limit = min(len(keys), len(self._cache_keys), len(ids) - 1)  # at least one token must run
             while reuse < limit and keys[reuse] == self._cache_keys[reuse]:
                 reuse += 1
+        fast = self._decode_step()
+        if reuse > 0 and (fast is not None) != self._buffered():
+            reuse = 0  # the step appeared or went: start a cache of the kind it needs
         if reuse == 0:
-            self._cache = DynamicCache(config=self.model.config)
+            self._cache = (
+                buffer_cache(self.model.config)
+                if fast is not None
+                else DynamicCache(config=self.model.config)
+            )
         elif reuse < len(self._cache_keys):
             self._cache.crop(reuse - len(self._cache_keys))
         self.stats.reused_tokens, self.stats.prefilled_tokens = reuse, len(ids) - reuse
@@ -218,14 +245,22 @@ class LlavaEngine:
         """Run new tokens (one decoded, several forced, or decoded + drafted) through the model on the cache;
         logits of the last `keep` positions."""
         embeds = self.model.get_input_embeddings()(torch.tensor([tokens], device=self.device))
+        fast = self._fast if len(tokens) == 1 and self._buffered() else None
         try:
-            logits = self._forward(embeds, keep)
+            if fast is not None:
+                logits = fast(embeds, self._cache).float()
+                self.stats.fast_steps += 1
+            else:
+                logits = self._forward(embeds, keep)
         except BaseException:  # e.g. Ctrl-C mid-token
             self._cache, self._cache_keys = None, []
             raise
         self._cache_keys.extend(tokens)
         self.stats.forward_passes += 1
         return logits
+
+    def _buffered(self) -> bool:
+        return self._cache is not None and isinstance(self._cache.layers[0], BufferLayer)
 
     def _drop(self, n: int) -> None:
         """Forget the cache's last `n` positions (rejected drafts)."""
