@@ -179,6 +179,8 @@ class ToolVLMForConditionalGeneration(LlavaForConditionalGeneration):
         model.tie_weights()
         model.to(dtype).eval()
         adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+        if adapter is None and Path(source, "adapter_config.json").is_file():  # called without the Auto class
+            adapter = source
         if adapter is not None:  # what PreTrainedModel.from_pretrained does for a folder with an adapter
             model.load_adapter(adapter, adapter_kwargs=hub)
             model.eval()
