@@ -84,6 +84,7 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
     """The stage-2 adapter of `run` as a portable fp16 adapter in `out`, with a copy of the vision tower folder
     `vision` it was trained with (a CLIPVisionModel; later training of its source must not change it)."""
     from toolvlm.vlm.drafting import CORPUS_FILE, write_corpus
+    from toolvlm.vlm.export import export_portable
     from toolvlm.vlm.lora import make_portable
 
     adapter = run / "adapter"
@@ -101,6 +102,7 @@ def copy_controller(run: Path, out: Path, vision: Path) -> None:
         shutil.copytree(kept, out / CONTROLLER_VISION)
     half_safetensors(out / "adapter_model.safetensors")
     make_portable(out, spec)
+    export_portable(out)  # config.json + model code: the folder loads in plain transformers too
     shutil.copy(run / TRAIN_CONFIG, out / "recipe.yaml")
     texts = draft_texts(run)
     if texts:
@@ -148,6 +150,7 @@ def controller_card(folder: Path) -> str:
     spec = json.loads((folder / SPEC_FILE).read_text())  # the LoRASpec it was trained with
     targets = spec.get("target_modules") or [config["target_modules"]]
     pooling = base["image_token_pooling"]
+    base_lm = config["base_model_name_or_path"]
     return f"""# toolvlm default controller
 
 A LLaVA-style controller for the toolvlm agent, trained here on the procedurally drawn world:
@@ -164,6 +167,11 @@ not shown (the profile's agent options). It was trained on world conversations o
 world's categories and colours, not real photographs.
 
 - Load: `toolvlm.vlm.load_vlm("path/to/{folder.name}")` (the base is built from `base.json`; nothing else needed).
+- Load without toolvlm (transformers and peft):
+  `AutoModelForImageTextToText.from_pretrained("path/to/{folder.name}", trust_remote_code=True)` and
+  `AutoProcessor.from_pretrained("path/to/{folder.name}")`. The base is assembled from `config.json`'s `parts`:
+  the language model `{base_lm}` (`language_model="/local/copy"` loads another copy)
+  and `vision/`; transformers' peft integration applies the adapter (LoRA and the projector).
 - Decoding: `draft_corpus.jsonl` holds replies of its training set; greedy decoding drafts from it (speculative
   decoding with n-grams, `toolvlm/vlm/drafting.py`): faster, the same text.
 - How it was made: `recipe.yaml` (the resolved recipe); `finetune/recipes/build_bundle.sh` in the repository.

@@ -25,11 +25,14 @@ phrases to categories (`category_of`).
 
 Checkpoint folder: `unet/` (UNet2DModel.save_pretrained), `scheduler/` (the training scheduler's config) and
 `layout.json` (`LayoutDiffusionConfig` as JSON). `from_pretrained` loads any folder of this architecture.
+`save_pretrained` also writes `pipeline.py` and `model_index.json`: the folder is a diffusers custom pipeline
+(`layout_pipeline.py`, which shares rasterisation, category rule and denoising loop with this module).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,10 +43,18 @@ from tqdm.auto import tqdm
 
 from toolvlm.tools.base import ToolInputError
 from toolvlm.tools.layout import Layout
+from toolvlm.tools.layout_pipeline import (  # noqa: F401  (SAMPLERS: re-exported)
+    SAMPLERS,
+    check_sampler,
+    counts_in_text,
+    denoise,
+    find_category,
+    rasterize_boxes,
+)
 from toolvlm.tools.number_words import words_to_digits
 
-SAMPLERS = ("ddim", "ddpm")
-IRREGULAR_PLURALS = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse"}
+PIPELINE_FILE = "pipeline.py"  # layout_pipeline.py as shipped in a checkpoint folder
+PIPELINE_CLASS = "LayoutDiffusionPipeline"
 
 
 @dataclass
@@ -81,30 +92,11 @@ class LayoutDiffusionConfig:
         return len(self.categories) + 1
 
 
-def check_sampler(name: str) -> str:
-    """`name` when it is a known sampler; else a ValueError listing them."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {name!r}")
-    return name
-
-
 def rasterize(layout: Layout, config: LayoutDiffusionConfig) -> np.ndarray:
     """The (C, S, S) float32 conditioning of a layout, values in [0, 1]."""
     size = config.image_size
     canvas = layout.scaled(size, size)
-    out = np.zeros((config.layout_channels, size, size), dtype=np.float32)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    for box, label in zip(canvas.boxes, canvas.labels, strict=True):
-        k = config.categories.index(label)
-        x0, y0, x1, y1 = (int(round(c)) for c in box)
-        x0, y0 = max(0, min(x0, size - 1)), max(0, min(y0, size - 1))
-        x1, y1 = max(x0 + 1, min(x1, size)), max(y0 + 1, min(y1, size))
-        out[k, y0:y1, x0:x1] = 1.0
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        sigma = max(0.5, config.centre_sigma * min(box[2] - box[0], box[3] - box[1]))
-        out[-1] += np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
-    np.clip(out[-1], 0, 1, out=out[-1])
-    return out
+    return rasterize_boxes(canvas.boxes, canvas.labels, size, config.categories, config.centre_sigma)
 
 
 def object_weights(layout: Layout, config: LayoutDiffusionConfig, strength: float) -> np.ndarray:
@@ -192,19 +184,13 @@ class LayoutDiffusion:
         unet_config.write_text(json.dumps(config, indent=2) + "\n")
         self.scheduler.save_pretrained(folder / "scheduler")
         (folder / "layout.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_pipeline_files(folder, self.config)
 
     def category_of(self, phrase: str) -> str:
         """The category a phrase names ('people' -> 'person'); ToolInputError when none."""
-        words = [w for w in phrase.lower().strip().split() if w not in ("a", "an", "the", "some")]
-        text = " ".join(words)
-        for candidate in (
-            text,
-            IRREGULAR_PLURALS.get(text, text),
-            text.removesuffix("es"),
-            text.removesuffix("s"),
-        ):
-            if candidate in self.config.categories:
-                return candidate
+        category = find_category(phrase, self.config.categories)
+        if category is not None:
+            return category
         raise ToolInputError(
             f"the in-house generator cannot draw '{phrase}'; it knows: {', '.join(self.config.categories)}"
         )
@@ -266,42 +252,42 @@ class LayoutDiffusion:
         """Sample one image per (layout, seed) in one batch; image k is `generate(layouts[k], seeds[k])`.
         `steps`, `guidance_scale` and `sampler` default to the config's."""
         import torch
-        from diffusers import DDIMScheduler, DDPMScheduler
 
         if len(layouts) != len(seeds):
             raise ValueError(f"{len(layouts)} layouts but {len(seeds)} seeds")
-        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        kind = check_sampler(sampler or self.config.sampler)
-        size = self.config.image_size
         # one CPU generator per image draws its start and (ancestral sampling) every step's noise
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if kind == "ddim":
-            scheduler = DDIMScheduler.from_config(
-                self.scheduler.config, clip_sample=True, set_alpha_to_one=True
-            )
-            options: dict[str, Any] = {"eta": 0.0}
-        else:
-            scheduler = DDPMScheduler.from_config(self.scheduler.config, clip_sample=True)
-            options = {"generator": generators}
-        scheduler.set_timesteps(max(1, steps or self.config.sample_steps))
-        param = next(self.unet.parameters())
-        noise = [torch.randn((1, 3, size, size), generator=g) for g in generators]
-        x = torch.cat(noise).to(param.device, param.dtype)
-        cond = torch.cat([self.conditioning(layout) for layout in layouts]).to(param.device, param.dtype)
-        if w != 1:
-            cond = torch.cat([cond, torch.zeros_like(cond)])
-        with torch.inference_mode():
-            # a progress bar on a terminal (tqdm disables itself when stderr is not one); ~4 s per image here
-            for t in tqdm(scheduler.timesteps, desc="diffusion", unit="step", leave=False, disable=None):
-                if w == 1:
-                    output = self.unet(torch.cat([x, cond], dim=1), t).sample
-                else:
-                    both = self.unet(torch.cat([torch.cat([x, x]), cond], dim=1), t).sample
-                    conditioned, null = both.chunk(2)
-                    output = null + w * (conditioned - null)
-                x = scheduler.step(output, t, x, **options).prev_sample
-        arrays = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a, mode="RGB") for a in arrays]
+        cond = torch.cat([self.conditioning(layout) for layout in layouts])
+        # a progress bar on a terminal (tqdm disables itself when stderr is not one); ~4 s per image here
+        return denoise(
+            self.unet,
+            self.scheduler.config,
+            cond,
+            generators,
+            steps or self.config.sample_steps,
+            self.config.guidance_scale if guidance_scale is None else guidance_scale,
+            sampler or self.config.sampler,
+            progress=lambda steps: tqdm(steps, desc="diffusion", unit="step", leave=False, disable=None),
+        )
+
+
+def write_pipeline_files(folder: str | Path, config: LayoutDiffusionConfig) -> None:
+    """Make a checkpoint folder a diffusers custom pipeline: `pipeline.py` (layout_pipeline.py, which imports no
+    toolvlm) and `model_index.json` naming it, its components (unet/, scheduler/) and the layout config."""
+    import diffusers
+
+    from toolvlm.tools import layout_pipeline
+
+    folder = Path(folder)
+    shutil.copyfile(layout_pipeline.__file__, folder / PIPELINE_FILE)
+    index = {
+        "_class_name": [Path(PIPELINE_FILE).stem, PIPELINE_CLASS],
+        "_diffusers_version": diffusers.__version__,
+        "layout": asdict(config),
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def default_boxes_for(counts: dict[str, int], size: int, seed: int) -> Layout:
@@ -322,16 +308,7 @@ def counts_in_prompt(prompt: str, model: LayoutDiffusion) -> dict[str, int]:
     a count past count_change.MAX_COUNT is a ToolInputError."""
     from toolvlm.tools.count_change import MAX_COUNT
 
-    words = words_to_digits(prompt).replace(",", " ").replace(".", " ").split()
-    counts: dict[str, int] = {}
-    for i, word in enumerate(words):
-        try:
-            category = model.category_of(word)
-        except ToolInputError:
-            continue
-        before = words[i - 1] if i else ""
-        n = int(before) if before.isdigit() else 1  # 'a dog', 'the tree', 'dogs': one
-        counts[category] = counts.get(category, 0) + n
+    counts = counts_in_text(words_to_digits(prompt), model.config.categories)
     too_many = {c: n for c, n in counts.items() if n > MAX_COUNT}
     if too_many:
         asked = ", ".join(f"{n} {c}" for c, n in too_many.items())

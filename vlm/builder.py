@@ -26,7 +26,12 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from .architecture import ToolVLMConfig, ToolVLMForConditionalGeneration, image_tokens_per_image
+from .architecture import (
+    ToolVLMConfig,
+    ToolVLMForConditionalGeneration,
+    grow_embeddings,
+    image_tokens_per_image,
+)
 from .base_lm import load_causal_lm
 from .chat import chatml_template
 from .config import VisionSpec, VLMSpec, resolve_dtype
@@ -84,35 +89,6 @@ def add_image_token(tokenizer, image_token: str) -> int:
         raise ValueError(f"image token {image_token!r} does not encode to one id: {ids}")
     tokenizer.image_token = image_token
     return ids[0]
-
-
-def grow_embeddings(lm, vocab_size: int) -> None:
-    """Grow the LM's embeddings (and an untied output head) to `vocab_size` rows, padded to a multiple of 64;
-    new rows are the mean of the old ones.
-
-    The mean, not a random draw: a base rebuilt from its parts (a portable adapter's) must come out the same every
-    time, and the image token's row is never an input (image features replace it). Grown in place rather than by
-    `resize_token_embeddings`, which first fills a whole new matrix with random values (a third of a second for
-    SmolLM2's 49k x 576 at every load)."""
-    rows = -(-vocab_size // 64) * 64
-    embeddings = lm.get_input_embeddings()
-    head = lm.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
-
-    def grown(weight: torch.Tensor) -> torch.nn.Parameter:
-        old_rows = weight.shape[0]
-        new = weight.new_empty((rows, weight.shape[1]))
-        new[:old_rows] = weight
-        new[old_rows:] = weight.mean(dim=0)
-        return torch.nn.Parameter(new, requires_grad=weight.requires_grad)
-
-    with torch.no_grad():
-        embeddings.weight = grown(embeddings.weight)
-        embeddings.num_embeddings = rows
-        if head is not None:
-            head.weight = embeddings.weight if tied else grown(head.weight)
-            head.out_features = rows
-    lm.config.get_text_config().vocab_size = rows
 
 
 def build_processor(spec: VLMSpec, config: LlavaConfig, tokenizer, image_processor) -> LlavaProcessor:

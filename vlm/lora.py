@@ -124,6 +124,8 @@ def save_adapter(vlm, folder: str | Path, base: str | Path | None = None) -> Pat
 def make_portable(folder: str | Path, base_spec: VLMSpec) -> Path:
     """Make a saved adapter self-contained: its base becomes `base_spec`, a model to build (`base.json`)
     rather than a saved folder; a relative vision checkpoint in the spec is taken from the adapter folder.
+    `base_model_name_or_path` names the base's language model (`export.language_model_id`); `export.
+    export_portable` then makes the folder load in plain transformers.
 
     The base's frozen weights are then whatever the spec names (the SmolLM2 package, a vision folder), so the
     adapter folder holds only what training changed: LoRA matrices and the projector (a few MB, not the
@@ -132,7 +134,9 @@ def make_portable(folder: str | Path, base_spec: VLMSpec) -> Path:
     Path(folder, BASE_FILE).write_text(json.dumps(base_spec.to_dict(), indent=2) + "\n")
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = None
+    from .export import language_model_id
+
+    config["base_model_name_or_path"] = language_model_id(base_spec.lm)  # peft's record of the base LM
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -29,6 +29,7 @@ from .chat import ChatMLRenderer, RenderedChat, TemplateRenderer
 from .config import VLMSpec, resolve_dtype
 from .drafting import CORPUS_FILE, NgramDrafter
 from .engine import LlavaEngine, SamplingConfig
+from .export import write_remote_code
 from .generic import load_processor
 from .images import ImageLike
 
@@ -186,11 +187,13 @@ class VLM:
     # -- persistence --------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """Save as an ordinary HF folder (weights, config, processor) plus `toolvlm.json` when built here."""
+        """Save as an ordinary HF folder (weights, config, processor; the model code for a pooled model) plus
+        `toolvlm.json` when built here."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
+        write_remote_code(folder)  # a pooled model ships its code: it loads in plain transformers
         if self.spec is not None:
             self.spec.save(folder)
 
