@@ -12,6 +12,9 @@
     agent:                 # optional: AgentConfig options (max_steps, constrained, ...)
       max_steps: 6
 
+Every key is checked against the typed format of agent/profile_schema.py before anything loads: an unknown
+key or a wrong type raises ProfileError naming the file and the key path (`controller.timeout: expected a
+number, got 'slow'`); values are read as `toolvlm.config` reads YAML (only true/false are booleans).
 A profile is given by path, or by name: NAME.yaml is looked for in $TOOLVLM_PROFILES (a path list),
 ./profiles, ./examples/profiles and ~/.config/toolvlm/profiles. Without a profile, the default bundle
 (toolvlm.bundle) gives one: its own profile.yaml, or one made from the trained parts it holds. This module
@@ -27,7 +30,9 @@ from typing import Any
 
 import yaml
 
-CONTROLLER_BACKENDS = ("local", "openai", "scripted")
+from toolvlm.config import load_yaml
+
+CONTROLLER_BACKENDS = ("local", "openai", "scripted")  # agent/profile_schema.py: their options
 BUNDLE_PROFILE = "profile.yaml"  # a profile shipped inside the bundle; relative model paths are bundle parts
 BUNDLE_TOOLS = {"grounding": "detector", "captioner": "captioner", "generator": "generator"}  # tool -> part
 
@@ -50,30 +55,23 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> Profile:
-        """Parse and shape-check a profile mapping."""
-        if not isinstance(data, dict):
-            raise ProfileError(f"profile {source}: expected a mapping with 'controller:' and 'tools:'")
-        unknown = sorted(set(data) - {"controller", "tools", "agent", "description", "domain"})
-        if unknown:
-            raise ProfileError(
-                f"profile {source}: unknown key(s) {unknown}; keys are controller, tools, agent, domain"
-            )
-        controller = data.get("controller")
-        if not isinstance(controller, dict):
-            raise ProfileError(
-                f"profile {source}: 'controller:' must be a mapping (backend, model, device, dtype)"
-            )
-        tools = data.get("tools") or {}
-        if not isinstance(tools, dict) or not all(isinstance(v, dict | type(None)) for v in tools.values()):
-            raise ProfileError(f"profile {source}: 'tools:' must map tool names to backend options")
-        agent = data.get("agent") or {}
-        if not isinstance(agent, dict):
-            raise ProfileError(f"profile {source}: 'agent:' must be a mapping of agent options")
-        domain = data.get("domain") or {}
-        if not isinstance(domain, dict):
-            raise ProfileError(f"profile {source}: 'domain:' must be a mapping (stats: FILE)")
-        tools = {k: dict(v or {}) for k, v in tools.items()}
-        return cls(dict(controller), tools, dict(agent), source, dict(domain))
+        """Parse a profile mapping, checked against the typed profile format (agent/profile_schema.py):
+        unknown keys and wrong types raise ProfileError naming the source and each key."""
+        from .profile_schema import profile_problems
+
+        problems = profile_problems(data)
+        if problems:
+            raise _error(source, problems)
+        tools = {str(k): dict(v or {}) for k, v in (data.get("tools") or {}).items()}
+        agent, domain = data.get("agent") or {}, data.get("domain") or {}
+        return cls(dict(data["controller"]), tools, dict(agent), source, dict(domain))
+
+
+def _error(source: str, problems: list[str]) -> ProfileError:
+    """One ProfileError, one line, naming the source and listing `problems` (each names its key)."""
+    if len(problems) == 1:
+        return ProfileError(f"profile {source}: {problems[0]}")
+    return ProfileError(f"profile {source}: {len(problems)} problem(s): {'; '.join(problems)}")
 
 
 def search_dirs() -> list[Path]:
@@ -115,7 +113,7 @@ def load_profile(source: str | Path | dict | Profile, check_models: bool = True)
         return check(_resolve_models(Profile.from_dict(source), Path.cwd()), check_models)
     path = find_profile(source)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ProfileError(f"profile {path}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -127,8 +125,7 @@ def check(profile: Profile, check_models: bool = True) -> Profile:
     """`profile`, or ProfileError listing every problem `check_profile` sees (each with its file and key)."""
     problems = check_profile(profile, check_models)
     if problems:
-        listed = "\n  ".join(problems)
-        raise ProfileError(f"profile {profile.source}: {len(problems)} problem(s):\n  {listed}")
+        raise _error(profile.source, problems)
     return profile
 
 
@@ -173,41 +170,31 @@ def _resolve_models(profile: Profile, folder: Path) -> Profile:
 
 
 def build_controller(spec: dict[str, Any]) -> Any:
-    """A controller from the `controller:` mapping of a profile."""
-    spec = dict(spec)
-    backend = spec.pop("backend", "local")
+    """A controller from the `controller:` mapping of a profile (checked against its backend's options)."""
+    from .profile_schema import CONTROLLERS, controller_problems
+
+    backend = spec.get("backend", "local")
+    if backend not in CONTROLLERS:
+        raise ProfileError(
+            f"unknown controller backend {backend!r}; backends are: {', '.join(CONTROLLER_BACKENDS)}"
+        )
+    problems = controller_problems(spec)
+    if problems:
+        raise ProfileError("; ".join(problems))
+    options = {k: v for k, v in spec.items() if k != "backend"}
     if backend == "local":
         from .controllers import LocalVLMController
 
-        if "model" not in spec:
-            raise ProfileError("controller backend 'local' needs 'model:' (a folder, hub id or VLM spec)")
-        unknown = sorted(set(spec) - {"model", "device", "dtype"})
-        if unknown:
-            raise ProfileError(
-                f"controller backend 'local': unknown option(s) {unknown}; options are model, device, dtype"
-            )
         return LocalVLMController.load(
-            spec["model"], device=spec.get("device", "cpu"), dtype=spec.get("dtype", "auto")
+            options["model"], device=options.get("device", "cpu"), dtype=options.get("dtype", "auto")
         )
     if backend == "openai":
         from .openai_controller import OpenAIController
 
-        if "base_url" not in spec or "model" not in spec:
-            raise ProfileError("controller backend 'openai' needs 'base_url:' and 'model:'")
-        try:
-            return OpenAIController(**spec)
-        except TypeError as err:
-            raise ProfileError(f"controller backend 'openai': {err}") from None
-    if backend == "scripted":
-        from .controllers import ScriptedController
+        return OpenAIController(**options)
+    from .controllers import ScriptedController
 
-        replies = spec.pop("replies", None)
-        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-            raise ProfileError("controller backend 'scripted' needs 'replies:', a list of reply strings")
-        return ScriptedController(replies, **spec)
-    raise ProfileError(
-        f"unknown controller backend {backend!r}; backends are: {', '.join(CONTROLLER_BACKENDS)}"
-    )
+    return ScriptedController(**options)
 
 
 def tool_backends(name: str) -> list[str] | None:

@@ -116,3 +116,118 @@ def test_a_profile_files_relative_models_are_taken_beside_it(tmp_path, monkeypat
         "tools.captioner.model: no folder 'org/blip' beside the profile" in text
         and "cannot be reached offline" in text
     )
+
+
+def test_the_bundle_profile_loads():
+    bundle = Path(__file__).parents[1] / "bundle" / "profile.yaml"
+    profile = load_profile(bundle, check_models=False)
+    assert profile.controller["backend"] == "local" and profile.agent["constrained"] is True
+    assert profile.tools["captioner"]["vocabulary"][:2] == ["person", "tree"]
+    assert check_profile(profile, check_models=False) == []
+
+
+def bad_profile(tmp_path: Path, text: str) -> str:
+    """The one-line ProfileError of a profile file holding `text`."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ProfileError) as caught:
+        load_profile(path, check_models=False)
+    message = str(caught.value)
+    assert message.startswith(f"profile {path}: ")
+    return message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "controller: {backend: openai, base_url: x, model: m, timeout: slow}",
+            "controller.timeout: expected a number, got 'slow'",
+        ),
+        (
+            "controller: {backend: openai, base_url: x, model: m, send_images: no}",
+            "controller.send_images: expected true or false, got 'no'",
+        ),
+        ("controller: {backend: local, model: 7}", "controller.model: expected a string or "),
+        ("controller: {backend: local}", "controller.model: missing (it is required)"),
+        ("controller: {backend: scripted, replies: hi}", "controller.replies: expected a list, got 'hi'"),
+        (
+            "controller: {backend: scripted, replies: [hi, 3]}",
+            "controller.replies[1]: expected a string, got 3",
+        ),
+        (
+            "controller: {model: m}\ntools: {grounding: {threshold: high}}",
+            "tools.grounding.threshold: expected a number, got 'high'",
+        ),
+        (
+            "controller: {model: m}\ntools: {captioner: {backend: grounded, vocabulary: person}}",
+            "tools.captioner.vocabulary: expected a list, got 'person'",
+        ),
+        (
+            "controller: {model: m}\nagent: {max_steps: many}",
+            "agent.max_steps: expected an integer, got 'many'",
+        ),
+        ("controller: {model: m}\ndomain: {stats: 3}", "domain.stats: expected a string, got 3"),
+        ("controller: {model: m}\ndescription: [a]", "description: expected a string, got ['a']"),
+        ("controller: local", "controller: expected a mapping, got 'local'"),
+        ("tools: {}", "controller: missing (it is required)"),
+        ("", "expected a mapping with 'controller:' and 'tools:', got an empty file"),
+    ],
+)
+def test_a_wrong_type_names_the_file_and_the_key(tmp_path, text, expected):
+    assert expected in bad_profile(tmp_path, text + "\n")
+
+
+def test_unknown_keys_are_refused_at_every_level(tmp_path):
+    message = bad_profile(
+        tmp_path,
+        "controler: {model: m}\n"
+        "controller: {model: m, devise: cpu}\n"
+        "tools: {grounding: {thresh: 0.3}, counter: {}}\n"
+        "agent: {max_stepz: 3}\n"
+        "domain: {stat: d.safetensors}\n",
+    )
+    assert "5 problem(s)" in message
+    for line in [
+        "controler: unknown key (did you mean 'controller'?); keys are: description, controller, tools, agent",
+        "controller.devise: unknown key (did you mean 'device'?); keys are: backend, model, device, dtype",
+        "tools.grounding.thresh: unknown key (did you mean 'threshold'?); keys are: backend, model, device,",
+        "agent.max_stepz: unknown key (did you mean 'max_steps'?)",
+        "domain.stat: unknown key (did you mean 'stats'?); keys are: stats, device",
+    ]:
+        assert line in message
+    openai = bad_profile(tmp_path, "controller: {backend: openai, base_url: x, model: m, key: k}\n")
+    assert (
+        "controller.key: unknown key" in openai and "keys are: backend, base_url, model, api_key," in openai
+    )
+
+
+def test_build_controller_checks_its_backends_options():
+    with pytest.raises(ProfileError, match=r"controller\.replies: expected a list, got 'hi'"):
+        build_controller({"backend": "scripted", "replies": "hi"})
+    with pytest.raises(ProfileError, match=r"controller\.dtype: expected a string, got 16"):
+        build_controller({"backend": "local", "model": "m", "dtype": 16})
+    with pytest.raises(ProfileError, match=r"controller\.stream: unknown key"):
+        build_controller({"backend": "openai", "base_url": "x", "model": "m", "stream": True})
+    assert build_controller({"backend": "scripted", "replies": ["hi"], "chunk_size": 2}).chunk_size == 2
+
+
+def test_the_cli_shows_a_bad_profile_in_one_line(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from toolvlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (16, 16)).save("a.png")
+    Path("p.yaml").write_text(
+        "controller: {backend: scripted, replies: [hi], chunk_size: big}\nagent: {x: 1}\n"
+    )
+    assert main(["ask", "a.png", "what is this?", "--profile", "p.yaml", "--out", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "p.yaml: 2 problem(s): controller.chunk_size: expected an integer, got 'big'" in err
+    assert "agent.x: unknown key" in err
+    Path("t.yaml").write_text("tools: {counter: {tile_size: 1.5}}\n")
+    assert main(["tool", "counter", "a.png", "phrase=person", "--profile", "t.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == "toolvlm tool: profile t.yaml: tools.counter.tile_size: expected an integer, got 1.5\n"

@@ -273,7 +273,7 @@ def test_cli_prints_resolved_config_and_refuses_unknown_keys(tmp_path, tiny_lm_d
     printed = capsys.readouterr().out
     assert "max_steps: 7" in printed and "r: 4" in printed
     assert main(["finetune", str(recipe), "lora.rank=4"]) == 2
-    assert "unknown keys ['rank']" in capsys.readouterr().err
+    assert "lora.rank: unknown key; keys are: r, alpha" in capsys.readouterr().err
 
 
 def test_half_precision_frozen_weights_need_autocast(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811

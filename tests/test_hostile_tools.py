@@ -340,7 +340,7 @@ def test_hostile_existing_outputs_are_never_overwritten(here, capsys, photo):
     "text, expected",
     [
         ("tools: [1, 2\n", "not valid YAML"),
-        ("tools: [grounding, counter]\n", "'tools:' must be a mapping"),
+        ("tools: [grounding, counter]\n", "tools: expected a mapping of tool name -> backend options"),
         ("- just\n- a list\n", "expected a mapping with 'tools:'"),
         ("tools: {counter: 3}\n", "tools.counter: expected a mapping of options"),
         (
@@ -348,7 +348,10 @@ def test_hostile_existing_outputs_are_never_overwritten(here, capsys, photo):
             "tools.counter.backend: unknown backend 'yolo'; backends are:",
         ),
         ("tools: {counter: {backend: owlvit, model: gone}}\n", "tools.counter.model: model folder"),
-        ("tools: {counter: {thresh: 0.3}}\n", "tools.counter: got an unexpected keyword argument 'thresh'"),
+        (
+            "tools: {counter: {thresh: 0.3}}\n",
+            "tools.counter.thresh: unknown key (did you mean 'threshold'?)",
+        ),
         ("tools: {oracle: {}}\n", "unknown tool 'oracle'"),
     ],
     ids=["yaml", "list-tools", "list", "options", "backend", "folder", "option", "tool"],

@@ -87,7 +87,7 @@ def test_bad_statistics_and_missing_files_say_what_is_wrong(tmp_path):
     stats.save(tmp_path / "domain.safetensors")
     with pytest.raises(MissingWeightsError, match="encoder is missing"):
         DomainCheck.from_file(tmp_path / "domain.safetensors").check(Image.new("RGB", (32, 32)))
-    with pytest.raises(ProfileError, match="'domain:' must be a mapping"):
+    with pytest.raises(ProfileError, match="domain: expected a mapping, got 'x'"):
         load_profile({"controller": {"backend": "scripted", "replies": []}, "domain": "x"})
 
 

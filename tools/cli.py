@@ -76,11 +76,15 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def load_profile(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    """The `tools:` spec of a YAML profile ({} without a profile), its relative `model:` paths taken from the
-    profile's own folder; raises UsageError naming the file (and the key) when it cannot be read."""
+    """The `tools:` spec of a YAML profile ({} without a profile), each tool's options type-checked against its
+    constructor (toolvlm.tools.options) and its relative `model:` paths taken from the profile's own folder;
+    raises UsageError naming the file and the key when it cannot be read or does not check."""
     if path is None:
         return {}
     import yaml
+
+    from toolvlm.config import load_yaml
+    from toolvlm.tools.options import option_problems
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -89,7 +93,7 @@ def load_profile(path: str | Path | None) -> dict[str, dict[str, Any]]:
             f"profile {str(path)!r} {what} (give the path of a YAML file with a 'tools:' mapping)"
         )
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = load_yaml(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise UsageError(f"profile {file}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -99,13 +103,9 @@ def load_profile(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise UsageError(f"profile {file}: expected a mapping with 'tools:', got {type(data).__name__}")
     spec = data.get("tools") or {}
-    if not isinstance(spec, dict):
-        raise UsageError(f"profile {file}: 'tools:' must be a mapping of tool name -> backend options")
-    bad = [name for name, options in spec.items() if not isinstance(options, dict | type(None))]
-    if bad:
-        raise UsageError(
-            f"profile {file}: tools.{bad[0]}: expected a mapping of options (backend, model, ...)"
-        )
+    problems = option_problems(spec)
+    if problems:
+        raise UsageError(f"profile {file}: " + "; ".join(problems))
     return {
         str(name): {**options, "model": hf.resolve_model(options["model"], file.parent)}
         if "model" in options

@@ -1,24 +1,29 @@
-"""Typed dataclass configs from YAML recipes, with `key=value` overrides from the command line.
+"""Typed dataclass configs from YAML recipes, with `key=value` overrides from the command line, validated.
 
 One generic helper instead of a chain of `if args.x is not None`: `load_recipe(path, Config, ["lr=3e-4",
-"lora.r=8"])` reads the YAML, applies the dotted overrides (values parsed as YAML scalars, so `true`, `1e-4` and
-`[1, 2]` mean what they look like), and builds the nested dataclass, refusing unknown keys by name. `save_config`
-writes the resolved config next to the weights (as nanoVLM does) so a run can be rebuilt from its folder.
+"lora.r=8"])` reads the YAML, applies the dotted overrides, checks every key against the typed dataclass
+`Config` (nested dataclasses too) and builds it. Values in a file and in an override are read the same way
+(`toolvlm.config`: YAML scalars, so `8`, `1e-4`, `true` and `[bird, dog]` mean what they look like). Unknown
+keys and wrong types are refused with the file and the key path, e.g. `recipe.yaml: lora.r: expected an
+integer, got 'abc'`, and an override names itself. `save_config` writes the resolved config next to the weights
+(as nanoVLM does) so a run can be rebuilt from its folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from toolvlm.config import ConfigError, build, load_yaml, model_for, scalar, validate
+
 T = TypeVar("T")
+
+__all__ = ["ConfigError", "from_dict", "load_recipe", "merge", "parse_overrides", "save_config", "scalar"]
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -26,29 +31,21 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {pair!r} is not key=value")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ConfigError(f"override {pair!r}", ["expected key=value, e.g. lora.r=8 or optim.lr=1e-4"])
         node = tree
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = (p.strip() for p in parts)
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {pair!r} sets inside {part!r}, which is a value")
-        node[leaf] = scalar(raw)
-    return tree
-
-
-def scalar(raw: str) -> Any:
-    """A YAML scalar, except that numbers YAML 1.1 reads as text ('1e-3', '5E+4') are numbers."""
-    if not raw.strip():
-        return ""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
+                raise ConfigError(f"override {pair!r}", [f"sets a key inside {part!r}, which is a value"])
         try:
-            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
-        except ValueError:
-            return value
-    return value
+            node[leaf] = scalar(raw)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(err).split())
+            raise ConfigError(f"override {pair!r}", [f"the value is not valid YAML ({problem})"]) from None
+    return tree
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -61,43 +58,47 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from nested dicts, refusing unknown keys and building nested dataclasses."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in {where or cls.__name__}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        inner = _dataclass_in(hints[name])
-        if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value, f"{where}.{name}" if where else name)
-        kwargs[name] = value
-    return cls(**kwargs)
+def from_dict(cls: type[T], data: Any, where: str = "", overrides: Sequence[str] = ()) -> T:
+    """Validate `data` against dataclass `cls` (types, unknown keys, nested dataclasses) and build it; raises
+    ConfigError naming `where` (a file) and each bad key, and the override that set it when one did."""
+    source = where or cls.__name__
+    validated, found = validate(model_for(cls), data)
+    if found:
+        raise ConfigError(source, [_blame(line, overrides) for line in found])
+    try:
+        return build(cls, validated)
+    except (ValueError, TypeError) as err:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(source, [str(err)]) from None
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    if dataclasses.is_dataclass(hint):
-        return hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg):
-                return arg
-    return None
+def _blame(line: str, overrides: Sequence[str]) -> str:
+    """`line` ("lora.r: expected ...") followed by the override that set that key, if one did."""
+    path = line.partition(": ")[0]
+    for pair in reversed(overrides):  # the last override of a key wins
+        key = pair.partition("=")[0].strip()
+        if path == key or path.startswith(key + ".") or path.startswith(key + "["):
+            return f"{line} (from the override {pair!r})"
+    return line
 
 
 def load_recipe(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
-    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, build `cls`."""
-    data: dict[str, Any] = {}
+    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, validate, build `cls`."""
+    data: Any = {}
+    source = "overrides"
     if path is not None:
         path = Path(path)
+        source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(cls, merge(data, parse_overrides(overrides)))
+        try:
+            data = load_yaml(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(source, [f"not valid YAML: {' '.join(str(err).split())}"]) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, [f"expected a mapping of recipe keys, got {type(data).__name__}"])
+    return from_dict(cls, merge(data, parse_overrides(overrides)), source, overrides)
 
 
 def save_config(config: Any, path: str | Path) -> None:
