@@ -522,3 +522,36 @@ def test_worker_processes_build_the_same_batches_and_train_the_same_weights(tmp_
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             train_device("cuda")
+
+
+def test_a_run_in_the_old_single_file_format_resumes_and_exports(tmp_path):
+    """Runs written before the one checkpoint format (`checkpoint.pt`: model, optimizer, step) still resume."""
+    from safetensors.torch import load_file
+
+    from toolvlm.finetune.train_checkpoint import latest_checkpoint, load_checkpoint_into, load_training_state
+    from toolvlm.finetune.train_loop import TrainConfig, optimizer_for, train
+
+    def config(run: Path, steps: int) -> TrainConfig:
+        return TrainConfig(run_dir=str(run), steps=steps, lr=0.1, warmup_steps=1, bf16=False, progress=False)
+
+    straight = LinearStage()
+    train(straight, config(tmp_path / "straight", 4))
+    first = LinearStage()
+    train(first, config(tmp_path / "first", 2))
+    old = tmp_path / "old"
+    old.mkdir()  # the same step-2 state, written as the old loop wrote it
+    model = LinearStage().model
+    assert load_checkpoint_into(model, tmp_path / "first") == 2
+    optimizer = optimizer_for(model, config(old, 4))
+    step2 = tmp_path / "first" / "checkpoints" / "step_0000002"
+    optimizer.load_state_dict(load_training_state(step2 / "training.pt")["optimizer"])
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 2}, old / "checkpoint.pt"
+    )
+    assert latest_checkpoint(old) == old / "checkpoint.pt"
+    assert load_file(step2 / "model.safetensors").keys() == model.state_dict().keys()
+    resumed = LinearStage()
+    result = train(resumed, config(old, 4))
+    assert result.steps == 4 and len(result.losses) == 2  # steps 3 and 4 only
+    torch.testing.assert_close(resumed.exported["weight"], straight.exported["weight"])
+    assert latest_checkpoint(old).name == "step_0000004"  # and it continues in the one format
