@@ -43,8 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "inputs", nargs="+", metavar="IMAGE ... QUESTION", help="image files, then the question"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--out", default=None, metavar="DIR", help="folder for the session and the images made"
+    parser.add_argument(  # --session as in `toolvlm chat`; --out kept as its old name
+        "--session",
+        "--out",
+        dest="out",
+        default=None,
+        metavar="DIR",
+        help="session folder (and the images made)",
     )
     parser.add_argument(
         "--profile", default=None, help="a profile YAML path or name (default: the default bundle)"

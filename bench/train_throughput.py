@@ -6,7 +6,7 @@
 The parent builds world conversations and one base model, then trains LoRA (r=16 on every LM linear, plus the
 projector; the vision tower frozen) twice, each in its own subprocess so that peak RSS is measured apart:
 
-- ours: `toolvlm.finetune.trainer` (packed rows without cross-attention, vision features encoded once, logits
+- ours: `toolvlm.finetune.train_loop` with the controller stage (packed rows without cross-attention, vision features encoded once, logits
   only on supervised tokens, frozen weights stored in bf16), with activation checkpointing (the headline
   figures: less memory than TRL) and again without it (`*_no_ckpt`: faster, more memory);
 - TRL: `trl.SFTTrainer` with the same tokens and labels (rendered by `VLM.render`) through a collator that pads
@@ -59,20 +59,19 @@ def peak_rss_mb() -> float:
 
 def run_ours(spec: dict) -> dict:
     """Train with toolvlm's trainer; tokens/s over the loop."""
-    from toolvlm.finetune.train_config import TrainConfig
-    from toolvlm.finetune.trainer import Trainer
+    from toolvlm.finetune.train_config import ControllerConfig
+    from toolvlm.finetune.train_loop import train
+    from toolvlm.finetune.trainer import ControllerStage
     from toolvlm.recipes import from_dict
 
-    config = from_dict(TrainConfig, {
-        "stage": 2, "output_dir": spec["out"], "model": {"base": spec["base"], "dtype": "bfloat16"},
+    config = from_dict(ControllerConfig, {
+        "stage": 2, "run_dir": spec["out"], "model": {"base": spec["base"], "dtype": "bfloat16"},
         "gradient_checkpointing": spec["checkpointing"],
         "data": {"train": [spec["data"]], "max_length": 4096}, "epochs": spec["epochs"],
-        "pack_tokens": spec["pack_tokens"], "mixed_precision": "bf16", "save_every": 0, "progress": False,
-        "log_every": 1000, "resume": "no", "optim": {"lr": 1e-4, "warmup_steps": 0},
+        "pack_tokens": spec["pack_tokens"], "bf16": True, "save_every": 0, "progress": False,
+        "log_every": 1000, "resume": "no", "lr": 1e-4, "warmup_steps": 0,
     })  # fmt: skip
-    trainer = Trainer(config)
-    trainer.setup()
-    result = trainer.train()
+    result = train(ControllerStage(config), config)
     return {"tokens_per_s": result.tokens_per_s, "steps": result.steps, "loss": result.loss}
 
 

@@ -1,6 +1,6 @@
 """Pick the per-category *describe* thresholds of a detector on training scenes, and ship them with the weights.
 
-    python -m toolvlm.evaluation.calibrate_describe bundle/detector [--n 200] [--fp-weight 3]
+    toolvlm train calibrate-describe detector=bundle/detector [n=200] [fp_weight=3]
 
 The `grounded` captioner (tools/grounded_caption.py) mentions a category when the detector's best box for it
 clears the category's describe threshold. A false mention (a sun in a grass-only scene) reads worse than a missed
@@ -12,10 +12,11 @@ stage uses. The thresholds go into the detector's `toolvlm_detector.json` as `de
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -68,37 +69,44 @@ def figures(scores: np.ndarray, present: np.ndarray, thresholds: np.ndarray) -> 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Calibrate and write the describe thresholds into the detector folder's calibration file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("detector", help="a detector folder (in-house OWL-ViT weights)")
-    parser.add_argument("--n", type=int, default=200, help="scenes of each kind (default mix, composed)")
-    parser.add_argument("--fp-weight", type=float, default=3.0, help="cost of a false mention, in misses")
-    parser.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    detector = make_detector("grounding", "inhouse", model=args.detector)
+@dataclass
+class CalibrateDescribeConfig:
+    """`toolvlm train calibrate-describe`: the detector folder and how the thresholds are picked."""
+
+    detector: str = ""  # a detector folder (in-house OWL-ViT weights); the thresholds are written into it
+    n: int = 200  # scenes of each kind (default mix, composed)
+    fp_weight: float = 3.0  # cost of a false mention, in misses
+    dry_run: bool = False  # report the thresholds, write nothing
+
+    def __post_init__(self) -> None:
+        if not self.detector:
+            raise ValueError("detector: give the detector folder, e.g. detector=bundle/detector")
+
+
+def calibrate_describe(config: CalibrateDescribeConfig) -> dict[str, Any]:
+    """Calibrate the describe thresholds and write them into the detector folder's calibration file."""
+    detector = make_detector("grounding", "inhouse", model=config.detector)
     detector.load("grounding")
-    scores, present = best_scores(detector, args.n)
-    chosen = np.array([pick(scores[:, k], present[:, k], args.fp_weight) for k in range(len(CATEGORIES))])
+    scores, present = best_scores(detector, config.n)
+    chosen = np.array([pick(scores[:, k], present[:, k], config.fp_weight) for k in range(len(CATEGORIES))])
     before = figures(scores, present, np.full(len(CATEGORIES), detector.threshold("count", 0.3)))
     after = figures(scores, present, chosen)
     log.info("at the counting threshold: %s; at the describe thresholds: %s", before, after)
     thresholds = {c: float(t) for c, t in zip(CATEGORIES, chosen, strict=True)}
-    print(
-        json.dumps({"describe_thresholds": thresholds, "count_threshold_figures": before, "figures": after})
-    )
-    if not args.dry_run:
-        path = Path(args.detector) / CALIBRATION
+    if not config.dry_run:
+        path = Path(config.detector) / CALIBRATION
         calibration = json.loads(path.read_text()) if path.is_file() else {}
         calibration.update(
             describe_thresholds=thresholds,
             describe_threshold=float(np.median(chosen)),
-            describe_calibration=after | {"n_scenes": 2 * args.n, "fp_weight": args.fp_weight},
+            describe_calibration=after | {"n_scenes": 2 * config.n, "fp_weight": config.fp_weight},
         )
         path.write_text(json.dumps(calibration, indent=2) + "\n")
-    return 0
+    return {"describe_thresholds": thresholds, "count_threshold_figures": before, "figures": after}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(
+        "python -m toolvlm.evaluation.calibrate_describe is now `toolvlm train calibrate-describe "
+        "detector=DIR [key=value ...]`"
+    )

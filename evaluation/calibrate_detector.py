@@ -1,6 +1,6 @@
 """Pick the counting score threshold of a trained detector on calibration scenes, and ship it with the weights.
 
-    python -m toolvlm.evaluation.calibrate_detector runs/detector/export [--n 80]
+    toolvlm train calibrate-detector detector=runs/detector/export [n=80] [views=2 view_iou=[0.3,0.2]]
 
 The counter keeps the boxes of a phrase that score above a threshold and survive NMS; which threshold counts
 best depends on the weights. On `n` mixed and `n // 2` crowd scenes of the *train* split (never the held-out
@@ -8,34 +8,35 @@ eval seeds), every present category is counted once at a low threshold, keeping 
 keeps; since greedy NMS visits boxes best first, the count at a higher threshold t is the number of those scores
 >= t. The threshold with the most exact counts (ties: the middle of the best run) is written to
 `toolvlm_detector.json` as `count_threshold` (and `grounding_threshold`), which the tools read as their default.
-With `--own-thresholds`, a category with at least `min_samples` counts whose own best threshold counts at least
+With `own_thresholds=true`, a category with at least `min_samples` counts whose own best threshold counts at least
 `min_gain` more of them right than the shared one gets it too (`count_thresholds`, under its singular and plural),
-as detectors score some kinds lower than others. Measured on the ninth bundle's detector with `--n 300
---own-thresholds` (shared 0.28 instead of 0.25 from 80 scenes; six categories their own, 0.21-0.41): counts exact
+as detectors score some kinds lower than others. Measured on the ninth bundle's detector with `n=300
+own_thresholds=true` (shared 0.28 instead of 0.25 from 80 scenes; six categories their own, 0.21-0.41): counts exact
 up to 30 0.847 -> 0.863 and 0.855 -> 0.865 on the eval's two sets, but the generator's crowds, which score lower,
 are undercounted (the controller's generate ok 8 -> 6 of 12), so the bundle ships one shared threshold.
-With `--contain 1,0.7`, the counter's containment NMS (a box lying that much inside a better one is dropped;
+With `contain=[1,0.7]`, the counter's containment NMS (a box lying that much inside a better one is dropped;
 1: off) is calibrated too: the scenes are counted once per value, each gets its best threshold, and the value
 that counts the most right (the first listed on ties) is written as `count_contain` with its threshold, which
 the counter reads as its defaults (the grounding threshold stays the one without containment, when 1 is tried).
-On the bundle's detector `--contain 1,0.7,0.6,0.5` picks 0.5 at threshold 0.22 (calibration counts 0.848 ->
+On the bundle's detector `contain=[1,0.7,0.6,0.5]` picks 0.5 at threshold 0.22 (calibration counts 0.848 ->
 0.871): exact up to 30 0.852 -> 0.902 and 0.855 -> 0.883 on the eval's two sets, but dense generated crowds lose
 overlapping people (the controller's generate ok 6 -> 4 of 12), so the bundle ships it off.
-`--grounding-threshold T` writes T for grounding instead: a referring expression with position words picks its
+`grounding_threshold=T` writes T for grounding instead: a referring expression with position words picks its
 box among the candidates found for its search phrase ('the cloud'), and one scored below the counting threshold
 is not among them (the twelfth bundle: counting 0.27, grounding 0.2).
-With `--views 2` the scenes are counted as a detector that looks twice counts (detectors.py), once per value of
-`--view-iou` (the IoU above which a box suppresses a weaker one of the other view), and the best is written with
+With `views=2` the scenes are counted as a detector that looks twice counts (detectors.py), once per value of
+`view_iou` (the IoU above which a box suppresses a weaker one of the other view), and the best is written with
 `"views": 2`. The fourteenth bundle's detector: 0.2 of 0.3, 0.2 (0.5 counts 0.918 on the thirteenth's weights,
 0.2 0.944; one view 0.912).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -97,48 +98,43 @@ def own_thresholds(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Calibrate and write toolvlm_detector.json into the detector folder."""
+@dataclass
+class CalibrateDetectorConfig:
+    """`toolvlm train calibrate-detector`: the detector folder and what to calibrate on it."""
+
+    detector: str = ""  # the detector folder (an in-house OWL-ViT export); the calibration is written into it
+    n: int = 80  # mixed scenes (plus n/2 crowds)
+    own_thresholds: bool = False  # also a threshold per category where one counts better
+    min_samples: int = 30  # counts a category needs for its own
+    min_gain: int = 2  # more right counts it must give
+    contain: list[float] = field(default_factory=lambda: [1.0])  # containment NMS values to try (1: off)
+    grounding_threshold: float | None = None  # grounding's own (None: the counting one)
+    views: int = 1  # views the detector looks at (2: also half a patch off)
+    view_iou: list[float] = field(default_factory=lambda: [0.5])  # with two views, IoUs to try
+
+    def __post_init__(self) -> None:
+        if not self.detector:
+            raise ValueError("detector: give the detector folder, e.g. detector=runs/detector/export")
+        if self.views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {self.views!r}")
+        if not self.contain or not self.view_iou:
+            raise ValueError("contain and view_iou need at least one value each")
+
+
+def calibrate_detector(config: CalibrateDetectorConfig) -> dict[str, Any]:
+    """Calibrate and write toolvlm_detector.json into the detector folder; returns what was written."""
     from toolvlm.tools.counter import CounterTool
     from toolvlm.tools.detectors import CALIBRATION
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("detector", help="the detector folder (an in-house OWL-ViT export)")
-    parser.add_argument("--n", type=int, default=80, help="mixed scenes (plus n/2 crowds)")
-    parser.add_argument(
-        "--own-thresholds", action="store_true", help="also a threshold per category where one counts better"
-    )
-    parser.add_argument("--min-samples", type=int, default=30, help="counts a category needs for its own")
-    parser.add_argument("--min-gain", type=int, default=2, help="more right counts it must give")
-    parser.add_argument(
-        "--contain", default="1", help="containment NMS values to try, comma-separated (1: off)"
-    )
-    parser.add_argument(
-        "--grounding-threshold", type=float, default=None, help="grounding's own (default: the counting one)"
-    )
-    parser.add_argument(
-        "--views",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="views the detector looks at (2: also half a patch off)",
-    )
-    parser.add_argument(
-        "--view-iou",
-        default="0.5",
-        help="with two views, IoU values to try (comma-separated) above which a box suppresses the other view's",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counter = CounterTool(backend="inhouse", model=args.detector, views=args.views)
+    counter = CounterTool(backend="inhouse", model=config.detector, views=config.views)
     counter.setup()
     tried = []  # (rate, contain, view IoU, threshold, samples) per containment value and view IoU
-    view_ious = [float(v) for v in args.view_iou.split(",")] if args.views == 2 else [None]
-    for contain in (float(c) for c in args.contain.split(",")):
+    view_ious = [float(v) for v in config.view_iou] if config.views == 2 else [None]
+    for contain in (float(c) for c in config.contain):
         for view_iou in view_ious:
             counter.contain = contain
             counter.detector.given_view_iou = view_iou
-            samples = collect(counter, args.n)
+            samples = collect(counter, config.n)
             threshold, rate = best_threshold([(t, s) for _, t, s in samples])
             log.info(
                 "contain %s, view IoU %s: threshold %s counts %.4f right", contain, view_iou, threshold, rate
@@ -146,24 +142,30 @@ def main(argv: list[str] | None = None) -> int:
             tried.append((rate, contain, view_iou, threshold, samples))
     rate, contain, view_iou, threshold, samples = max(tried, key=lambda r: r[0])  # the first listed on ties
     # grounding keeps every box NMS keeps: its threshold is the one given, else the one found without containment
-    grounding = args.grounding_threshold
+    grounding = config.grounding_threshold
     if grounding is None:
         grounding = next((t for _, c, v, t, _ in tried if c >= 1 and v == view_iou), threshold)
-    own = own_thresholds(samples, threshold, args.min_samples, args.min_gain) if args.own_thresholds else {}
+    own = (
+        own_thresholds(samples, threshold, config.min_samples, config.min_gain)
+        if config.own_thresholds
+        else {}
+    )
     threshold_of = {c: own.get(c, threshold) for c, _, _ in samples}
     rate_own = float(np.mean([correct(t, int((s >= threshold_of[c]).sum())) for c, t, s in samples]))
-    path = Path(args.detector, CALIBRATION)
-    path.write_text(json.dumps({"count_threshold": threshold, "grounding_threshold": grounding,
-                                "count_contain": contain, "views": args.views, "view_iou": view_iou,
-                                "count_thresholds": own, "calibration_count_accuracy": round(rate, 4),
-                                "calibration_count_accuracy_own": round(rate_own, 4), "n_scenes": args.n},
-                               indent=2) + "\n")  # fmt: skip
-    print(
-        f"count threshold {threshold}, contain {contain}, view IoU {view_iou} (exact/within-10% counts "
-        f"{rate:.3f} on calibration scenes; with {len(own) // 2} categories' own, {rate_own:.3f}) -> {path}"
-    )
-    return 0
+    written = {"count_threshold": threshold, "grounding_threshold": grounding, "count_contain": contain,
+               "views": config.views, "view_iou": view_iou, "count_thresholds": own,
+               "calibration_count_accuracy": round(rate, 4), "calibration_count_accuracy_own": round(rate_own, 4),
+               "n_scenes": config.n}  # fmt: skip
+    path = Path(config.detector, CALIBRATION)
+    path.write_text(json.dumps(written, indent=2) + "\n")
+    log.info("count threshold %s, contain %s, view IoU %s (exact/within-10%% counts %.3f on calibration scenes; "
+             "with %d categories' own, %.3f) -> %s", threshold, contain, view_iou, rate, len(own) // 2, rate_own,
+             path)  # fmt: skip
+    return {**written, "path": str(path)}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(
+        "python -m toolvlm.evaluation.calibrate_detector is now `toolvlm train calibrate-detector "
+        "detector=DIR [key=value ...]`"
+    )

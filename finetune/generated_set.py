@@ -5,7 +5,7 @@ was trained on the world's crisp drawings; the generator's blurry 64 px objects 
 here is a training-split scene's layout drawn by the generator: its boxes and categories are exact targets
 (the generator was told them), its colours are the generator's choice, so only category phrases are known.
 
-    python -m toolvlm.finetune.generated_set --generator bundle/generator --n 900 --out runs/generated
+    toolvlm train generated-set generator=bundle/generator n=900 out=runs/generated
 
 Folder: `images/NNNNNN.png` (the generator's square output) and `samples.jsonl`, one line per image:
 {"image", "index" (the train scene), "seed" (the sampling noise), "steps", "sampler"}. Writing resumes where
@@ -16,7 +16,6 @@ scene's annotation (recomputed from its seed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -102,21 +101,30 @@ class GeneratedScenes(Dataset):
         return {"pixels": to_pixels(image, self.image_size), "image": image, "ann": ann}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: write (or complete) a generated set."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--generator", default="bundle/generator", help="in-house generator checkpoint folder"
+@dataclass
+class GeneratedSetConfig:
+    """`toolvlm train generated-set`: which generator draws how many training layouts, into which folder."""
+
+    out: str = ""  # the folder to write (resumed when it exists)
+    generator: str = "bundle/generator"  # an in-house generator checkpoint folder
+    n: int = 900  # samples in all
+    steps: int = 0  # denoising steps (0: the generator's own)
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("out: give the folder to write, e.g. out=runs/generated")
+
+
+def make_generated_set(config: GeneratedSetConfig) -> dict[str, Any]:
+    """Write (or complete) a generated set; returns what was written."""
+    written = write_generated_set(
+        config.generator, config.out, config.n, config.steps or None, config.batch_size
     )
-    parser.add_argument("--out", required=True, help="folder to write (resumed when it exists)")
-    parser.add_argument("--n", type=int, default=900, help="samples in all")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the generator's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    written = write_generated_set(args.generator, args.out, args.n, args.steps, args.batch_size)
-    print(json.dumps({"written": written, "total": len(read_samples(args.out)), "out": args.out}))
+    return {"written": written, "total": len(read_samples(config.out)), "out": config.out}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(
+        "python -m toolvlm.finetune.generated_set is now `toolvlm train generated-set out=DIR ...`"
+    )

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, vit_shape
+from toolvlm.finetune.train_common import fp16_copy, load_trained, vit_shape
+from toolvlm.finetune.train_loop import TrainConfig
 from toolvlm.finetune.world_data import CLIP_MEAN, CLIP_STD, WorldScenes, caption_text
 from toolvlm.finetune.world_tokenizer import build_tokenizer, special_ids
 

@@ -1,10 +1,15 @@
-"""The typed configuration of a fine-tuning run, read from a YAML recipe with `key=value` overrides.
+"""The typed configuration of a controller run, and the one way every stage's recipe is read.
 
-    toolvlm finetune finetune/recipes/controller_stage2.yaml lora.r=8 max_steps=200 output_dir=runs/try
+    toolvlm train controller finetune/recipes/controller_stage2.yaml lora.r=8 steps=200 run_dir=runs/try
 
-`TrainConfig` nests `ModelConfig` (what to start from), `DataConfig` (what to train on), `LoRASpec` (from
-`toolvlm.vlm.lora`: which weights train in stage 2) and `OptimConfig`. It is written as `train_config.yaml`
-next to the weights, so a run is rebuilt from its folder. This module holds no behaviour beyond checks.
+`ControllerConfig` extends the loop's `TrainConfig` (train_loop: run folder, steps, schedule, precision,
+checkpoints; the keys every stage shares) with `ModelConfig` (what to start from), `DataConfig` (what to train
+on) and `LoRASpec` (from `toolvlm.vlm.lora`: which weights train in stage 2). It is written as `recipe.yaml` in
+the run folder, so a run is rebuilt from its folder.
+
+`load_config(cls, recipe, overrides)` reads any stage's recipe through `toolvlm.recipes.load_recipe`, after
+refusing the controller keys that were renamed when the two training loops became one (`output_dir`,
+`max_steps`, `optim.*`, `mixed_precision`), naming the new key. This module holds no behaviour beyond checks.
 """
 
 from __future__ import annotations
@@ -12,14 +17,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 
 from toolvlm.finetune.build_world import WorldDataConfig
-from toolvlm.recipes import load_recipe
+from toolvlm.finetune.train_loop import TrainConfig
+from toolvlm.recipes import load_recipe, parse_overrides
 from toolvlm.vlm.config import VLMSpec
 from toolvlm.vlm.lora import LoRASpec
 
+T = TypeVar("T")
 STAGES = (1, 2)
-PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+# key path -> what replaces it (the keys of the controller's own loop before there was one loop)
+RENAMED: dict[str, str] = {
+    "output_dir": "run_dir",
+    "max_steps": "steps (0: `epochs` passes over the data)",
+    "mixed_precision": "bf16 (true, false or auto)",
+    "optim.lr": "lr",
+    "optim.weight_decay": "weight_decay",
+    "optim.warmup_steps": "warmup_steps",
+    "optim.schedule": "schedule",
+    "optim.max_grad_norm": "grad_clip",
+    "optim": "the top-level keys lr, weight_decay, warmup_steps, schedule and grad_clip",
+}
 
 
 @dataclass
@@ -44,59 +66,41 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
-    world: WorldDataConfig | None = None  # built into OUTPUT_DIR/data/world (once) and added to `train`
+    world: WorldDataConfig | None = None  # built into RUN_DIR/data/world (once) and added to `train`
     max_length: int = 2048  # longer conversations are left out (with a warning)
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with warmup and a schedule from transformers' `get_scheduler`."""
+class ControllerConfig(TrainConfig):
+    """A controller run: stage 1 trains the projector only, stage 2 LoRA on the LM plus the projector."""
 
+    run_dir: str = "runs/controller"
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
     lr: float = 2e-4
     weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     warmup_steps: int = 10
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-
-
-@dataclass
-class TrainConfig:
-    """A fine-tuning run: stage 1 trains the projector only, stage 2 LoRA on the LM plus the projector."""
-
+    min_lr_ratio: float = 0.0
+    device: str = "auto"
     stage: int = 2
-    output_dir: str = "runs/controller"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     packing: bool = True  # several conversations per sequence, without attention across them
     pack_tokens: int = 2048  # tokens per packed sequence (one sequence per micro-batch)
-    grad_accum: int = 1  # micro-batches per optimizer step (per process)
-    max_steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
     epochs: float = 1.0
-    mixed_precision: str = "auto"  # auto: bf16 where the device supports it
     cache_vision_features: bool = True  # frozen vision tower: encode each image once
     gradient_checkpointing: bool = (
         False  # recompute each LM layer in backward: far less memory, ~1/3 more compute
     )
     feature_cache_mb: float = 4096  # memory for cached vision features (bf16 under bf16 autocast)
-    save_every: int = 100  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    resume: str = "auto"  # auto: the latest checkpoint in output_dir; "no"; or a checkpoint folder
     export_merged: bool = False  # stage 2: also save the base with the adapter folded in
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mixed_precision is False:  # YAML reads a bare `no` as false
-            self.mixed_precision = "no"
-        if self.resume is False:
-            self.resume = "no"
+        super().__post_init__()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be 1 (projector) or 2 (LoRA + projector), got {self.stage!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         given = [k for k in ("base", "spec", "adapter") if getattr(self.model, k) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -111,17 +115,29 @@ class TrainConfig:
             )
         if self.lora.qlora and self.model.base is None:
             raise ValueError("lora.qlora needs model.base, a saved VLM folder to load in 4-bit")
-        if self.grad_accum < 1 or self.pack_tokens < 16:
-            raise ValueError(
-                f"need grad_accum >= 1 and pack_tokens >= 16, got {self.grad_accum}, {self.pack_tokens}"
-            )
-
-    @property
-    def output(self) -> Path:
-        """The output folder as a path."""
-        return Path(self.output_dir)
+        if self.pack_tokens < 16:
+            raise ValueError(f"need pack_tokens >= 16, got {self.pack_tokens}")
 
 
-def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A `TrainConfig` from a YAML recipe (None: defaults) with `key=value` overrides applied."""
-    return load_recipe(recipe, TrainConfig, overrides)
+def renamed_keys(data: dict[str, Any], where: str) -> None:
+    """Raise naming the new key when a recipe (or an override) uses a key renamed in `RENAMED`."""
+    for path, new in RENAMED.items():
+        node: Any = data
+        for part in path.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            raise ValueError(f"{where}: the key {path!r} is now {new}")
+
+
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """A stage's config from a YAML recipe (None: the class's defaults) with `key=value` overrides applied."""
+    if issubclass(cls, TrainConfig):
+        if recipe is not None and Path(recipe).is_file():
+            renamed_keys(yaml.safe_load(Path(recipe).read_text()) or {}, str(recipe))
+        renamed_keys(parse_overrides(overrides), "override")
+    return load_recipe(recipe, cls, overrides)
+
+
+def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> ControllerConfig:
+    """A controller's config from a YAML recipe with `key=value` overrides applied."""
+    return load_config(ControllerConfig, recipe, overrides)

@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from toolvlm.finetune.generated_set import GeneratedScenes
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy, load_trained, resize_vision
+from toolvlm.finetune.train_common import fp16_copy, load_trained, resize_vision
 from toolvlm.finetune.train_encoder import (
     EncoderConfig,
     clip_vision_from_owlvit,
     owlvit_config,
     owlvit_processor,
 )
+from toolvlm.finetune.train_loop import TrainConfig
 from toolvlm.finetune.world_data import WorldScenes, detection_target, scene_seed
 from toolvlm.finetune.world_tokenizer import build_tokenizer, reorder_specials, special_ids
 from toolvlm.world import CATEGORIES, WorldConfig, sample_scene

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from toolvlm.finetune.train_common import (
-    TrainConfig,
     deepen_vision,
     fp16_copy,
     freeze_vision,
     load_trained,
     vit_shape,
 )
+from toolvlm.finetune.train_loop import TrainConfig
 from toolvlm.finetune.world_data import (
     CLIP_MEAN,
     CLIP_STD,

@@ -5,7 +5,7 @@ given the rasterised layout of the scene's boxes and categories (one channel per
 instance-centre map, see layout_diffusion.py). The loss is `LayoutDiffusion.training_loss` (noise MSE at a
 random DDPM timestep, seeded per step so that a resumed run draws the same noise). A run can start from a
 trained generator's export (`continue_from`; its architecture and conditioning must be the recipe's) and draw
-fresh scenes (`scene_offset`); `ema_decay` (train_common) exports the weights' moving average. Export: `unet/`
+fresh scenes (`scene_offset`); `ema_decay` (train_loop) exports the weights' moving average. Export: `unet/`
 (fp16), `scheduler/` and `layout.json`, the format of the tools' `inhouse` generator backend.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolvlm.finetune.train_common import TrainConfig, fp16_copy
+from toolvlm.finetune.train_common import fp16_copy
+from toolvlm.finetune.train_loop import TrainConfig
 from toolvlm.finetune.world_data import WorldScenes, layout_of
 from toolvlm.world import CATEGORIES
 

@@ -24,12 +24,13 @@ def write_recipe(folder: Path, lm_dir: Path, data: Path, **top: object) -> Path:
     recipe = {
         "model": {"spec": tiny_spec(lm_dir, pooling=2).to_dict()},
         "data": {"train": [str(data)], "max_length": 4096},
-        "output_dir": str(folder / "out"),
+        "run_dir": str(folder / "out"),
         "pack_tokens": 4096,
-        "mixed_precision": "no",
+        "bf16": False,
         "progress": False,
         "log_every": 1,
-        "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "lr": 1e-2,
+        "warmup_steps": 0,
         **top,
     }
     path = folder / "recipe.yaml"

@@ -156,7 +156,7 @@ def test_ask_json_follows_the_contract(tmp_path, capsys, fake_tools_registered):
             str(picture),
             "Box the tree and count the people",
             "--json",
-            "--out",
+            "--session",  # the flag `toolvlm chat` names a session folder with (--out is its old name)
             str(out),
             "--profile",
             str(profile_path),

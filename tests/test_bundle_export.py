@@ -32,7 +32,7 @@ def test_controller_part_is_portable_fp16_and_generates_as_trained(tiny_lm_dir, 
     messages, images = chat(1), [random_image(3)]
     expected = tuned.generate(messages, images, max_new_tokens=8)
     save_adapter(tuned, run / "adapter")
-    (run / "train_config.yaml").write_text(yaml.safe_dump({"model": {"base": "the run's recipe"}}))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"base": "the run's recipe"}}))
     reply = {"role": "assistant", "content": expected}
     write_jsonl(run / "data" / "world" / "world.jsonl", [Example([*messages, reply], images)])
 

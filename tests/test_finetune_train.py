@@ -16,8 +16,10 @@ from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
 
 from toolvlm.finetune.data import ConversationDataset, read_jsonl
 from toolvlm.finetune.packing import PackedForward, VisionFeatureCache, collate_packed, pack_groups
+from toolvlm.finetune.train_checkpoint import latest_checkpoint
 from toolvlm.finetune.train_config import load_train_config
-from toolvlm.finetune.trainer import Trainer, latest_checkpoint
+from toolvlm.finetune.train_loop import train
+from toolvlm.finetune.trainer import ControllerStage
 from toolvlm.vlm import build_vlm, load_vlm
 from toolvlm.vlm.images import load_image
 
@@ -72,6 +74,22 @@ def test_packed_logits_equal_each_example_alone(vlm, world_jsonl):  # noqa: F811
     assert cache.hits >= len(packed.images)  # each image was encoded once
 
 
+class Trainer:
+    """A controller stage and its config, trained by the one loop."""
+
+    def __init__(self, config):
+        self.config, self.stage = config, None
+
+    def setup(self) -> None:
+        self.stage = ControllerStage(self.config)
+        self.vlm = self.stage.vlm
+
+    def train(self):
+        if self.stage is None:
+            self.setup()
+        return train(self.stage, self.config)
+
+
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -81,7 +99,7 @@ def _changed(before: dict, model: torch.nn.Module) -> set[str]:
 
 
 def test_stage1_trains_only_the_projector(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
-    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=1, max_steps=2)
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=1, steps=2)
     trainer = Trainer(load_train_config(recipe))
     trainer.setup()
     before = _snapshot(trainer.vlm.model)
@@ -95,7 +113,7 @@ def test_stage1_trains_only_the_projector(tmp_path, tiny_lm_dir, world_jsonl):  
 
 
 def test_stage2_trains_lora_and_projector_only(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
-    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, export_merged=True)
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, steps=2, export_merged=True)
     trainer = Trainer(load_train_config(recipe, ["lora.r=4", "lora.dropout=0.0"]))
     trainer.setup()
     before = _snapshot(trainer.vlm.model)
@@ -136,7 +154,7 @@ def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_
 
     first = tmp_path / "a"
     first.mkdir()
-    recipe = write_recipe(first, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    recipe = write_recipe(first, tiny_lm_dir, world_jsonl, stage=2, steps=2, pack_tokens=600)
     Trainer(load_train_config(recipe, ["lora.r=4"])).train()
     portable = tmp_path / "portable"  # as in the bundle: the base is a spec, the vision tower beside it
     shutil.copytree(first / "out" / "adapter", portable)
@@ -147,7 +165,7 @@ def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_
     spec.vision.checkpoint = "vision"
     make_portable(portable, spec)
 
-    overrides = ["lora.r=4", "model.spec=null", f"model.adapter={portable}", f"output_dir={tmp_path / 'b'}"]
+    overrides = ["lora.r=4", "model.spec=null", f"model.adapter={portable}", f"run_dir={tmp_path / 'b'}"]
     trainer = Trainer(load_train_config(recipe, overrides))
     trainer.setup()
     saved = load_file(portable / "adapter_model.safetensors")
@@ -176,7 +194,7 @@ def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_
     torch.manual_seed(3)
     sharper = CLIPVisionModel(config)
     sharper.save_pretrained(tmp_path / "sharper")
-    overrides = [*overrides[:3], f"model.vision={tmp_path / 'sharper'}", f"output_dir={tmp_path / 'c'}"]
+    overrides = [*overrides[:3], f"model.vision={tmp_path / 'sharper'}", f"run_dir={tmp_path / 'c'}"]
     trainer = Trainer(load_train_config(recipe, overrides))
     trainer.setup()
     tower = trainer.vlm.model.base_model.model.model.vision_tower
@@ -201,18 +219,17 @@ def test_stage2_continues_a_portable_adapter_from_its_weights(tmp_path, tiny_lm_
 def test_checkpoint_and_resume_continue_the_step_count_and_the_loss(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
     first = tmp_path / "a"
     first.mkdir()
-    recipe = write_recipe(
-        first, tiny_lm_dir, world_jsonl, stage=2, max_steps=4, save_every=2, pack_tokens=600
-    )
+    recipe = write_recipe(first, tiny_lm_dir, world_jsonl, stage=2, steps=4, save_every=2, pack_tokens=600)
     straight = Trainer(load_train_config(recipe, ["resume=no"])).train()
-    assert latest_checkpoint(first / "out").name == "step_0000002"
+    assert latest_checkpoint(first / "out").name == "step_0000004"  # the last two kept: 2 and 4
     second = tmp_path / "b"
-    shutil.copytree(first / "out" / "checkpoints", second / "out" / "checkpoints")
+    step2 = "checkpoints/step_0000002"
+    shutil.copytree(first / "out" / step2, second / "out" / step2)
     shutil.copytree(first / "out" / "base", second / "out" / "base")
     resumed_trainer = Trainer(
         load_train_config(
             recipe,
-            [f"output_dir={second / 'out'}", f"model.base={second / 'out' / 'base'}", "model.spec=null"],
+            [f"run_dir={second / 'out'}", f"model.base={second / 'out' / 'base'}", "model.spec=null"],
         )
     )
     resumed = resumed_trainer.train()
@@ -225,7 +242,7 @@ def test_checkpoint_and_resume_continue_the_step_count_and_the_loss(tmp_path, ti
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
-    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, steps=2, pack_tokens=600)
     plain = Trainer(load_train_config(recipe, ["resume=no"])).train()
     recomputed = Trainer(load_train_config(recipe, ["resume=no", "gradient_checkpointing=true"])).train()
     torch.testing.assert_close(
@@ -238,7 +255,7 @@ def test_qlora_option_trains_on_a_4bit_base(tmp_path, world_jsonl):  # noqa: F81
 
     lm = save_tiny_lm(tmp_path / "lm", hidden=64)  # 4-bit blocks need rows of 64
     build_vlm(tiny_spec(lm, pooling=2), dtype="float32").save(tmp_path / "base")
-    recipe = write_recipe(tmp_path, lm, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    recipe = write_recipe(tmp_path, lm, world_jsonl, stage=2, steps=2, pack_tokens=600)
     overrides = ["lora.qlora=true", "lora.r=4", "model.spec=null", f"model.base={tmp_path / 'base'}"]
     trainer = Trainer(load_train_config(recipe, overrides))
     result = trainer.train()
@@ -250,7 +267,7 @@ def test_qlora_option_trains_on_a_4bit_base(tmp_path, world_jsonl):  # noqa: F81
 
 
 def test_two_process_accelerate_run(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
-    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=2, pack_tokens=600)
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, steps=2, pack_tokens=600)
     # two CPU processes (gloo): accelerate's launcher starts them; ACCELERATE_USE_CPU makes the state MULTI_CPU
     # (in accelerate 1.15 `--cpu` alone starts a single process)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -261,25 +278,27 @@ def test_two_process_accelerate_run(tmp_path, tiny_lm_dir, world_jsonl):  # noqa
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2
-    assert (Path(summary["output"]) / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((Path(summary["output"]) / "result.json").read_text())["processes"] == 2
+    assert (Path(summary["run"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((Path(summary["run"]) / "result.json").read_text())["processes"] == 2
 
 
 def test_cli_prints_resolved_config_and_refuses_unknown_keys(tmp_path, tiny_lm_dir, world_jsonl, capsys):  # noqa: F811
     from toolvlm.cli import main
 
     recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl)
-    assert main(["finetune", str(recipe), "lora.r=4", "max_steps=7", "--print-config"]) == 0
+    assert main(["finetune", str(recipe), "lora.r=4", "steps=7", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    assert "max_steps: 7" in printed and "r: 4" in printed
+    assert "steps: 7" in printed and "r: 4" in printed
+    assert main(["finetune", str(recipe), "max_steps=7"]) == 2  # a renamed key names its new name
+    assert "'max_steps' is now steps" in capsys.readouterr().err
     assert main(["finetune", str(recipe), "lora.rank=4"]) == 2
     assert "lora.rank: unknown key; keys are: r, alpha" in capsys.readouterr().err
 
 
 def test_half_precision_frozen_weights_need_autocast(tmp_path, tiny_lm_dir, world_jsonl):  # noqa: F811
-    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, max_steps=1)
-    with pytest.raises(ValueError, match="model.dtype=bfloat16 .*mixed_precision"):
-        Trainer(load_train_config(recipe, ["model.dtype=bfloat16", "mixed_precision=no"]))
+    recipe = write_recipe(tmp_path, tiny_lm_dir, world_jsonl, stage=2, steps=1)
+    with pytest.raises(ValueError, match="model.dtype=bfloat16 .*bf16 autocast"):
+        ControllerStage(load_train_config(recipe, ["model.dtype=bfloat16", "bf16=false"]))
 
 
 def test_overrides_read_exponent_numbers_as_numbers():

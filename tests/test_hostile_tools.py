@@ -460,7 +460,9 @@ def test_hostile_profile_shapes(here):
 
 
 def test_hostile_crafted_optimizer_checkpoint_runs_no_code(tmp_path):
-    from toolvlm.finetune.trainer import _load_training_state, _rng_state, _set_rng_state
+    from toolvlm.finetune.train_checkpoint import load_training_state as _load_training_state
+    from toolvlm.finetune.train_checkpoint import rng_state as _rng_state
+    from toolvlm.finetune.train_checkpoint import set_rng_state as _set_rng_state
 
     class Exploit:
         def __reduce__(self):

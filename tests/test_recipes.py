@@ -10,7 +10,7 @@ import pytest
 
 from toolvlm.cli import main
 from toolvlm.config import ConfigError, scalar
-from toolvlm.finetune.train_config import TrainConfig
+from toolvlm.finetune.train_config import ControllerConfig
 from toolvlm.finetune.train_world import STAGES, stage_classes
 from toolvlm.recipes import load_recipe, parse_overrides, save_config
 
@@ -23,12 +23,12 @@ STAGE2 = ROOT / "finetune" / "recipes" / "controller_stage2.yaml"
 
 def config_class(path: Path) -> type:
     """The config class of a packaged recipe: a world stage's (world_<stage>*.yaml, bundle/<part>/), else the
-    controller's TrainConfig (what finetune/train_world.py and finetune/cli.py load them with)."""
+    controller's ControllerConfig (what `toolvlm train` loads them with)."""
     name = path.parent.name if path.name == "recipe.yaml" else path.stem.removeprefix("world_")
     stage = next((s for s in STAGES if name == s or name.startswith(f"{s}_")), None)
     if path.stem.startswith("world_"):
         assert stage is not None, f"{path.name}: no stage of {list(STAGES)}"
-    return stage_classes(stage)[0] if stage is not None else TrainConfig
+    return stage_classes(stage)[0] if stage is not None else ControllerConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -41,7 +41,7 @@ def test_the_packaged_recipes_are_all_found():
     names = {p.parent.name if p.name == "recipe.yaml" else p.stem for p in RECIPES}
     assert {"controller_stage2", "world_detector", "world_generator", "controller", "detector"} <= names
     assert {config_class(p).__name__ for p in RECIPES} == {
-        "TrainConfig",
+        "ControllerConfig",
         "EncoderConfig",
         "DetectorConfig",
         "CaptionerConfig",
@@ -61,33 +61,31 @@ def test_every_packaged_recipe_loads_with_its_config_class(path, tmp_path):
 def test_a_wrong_type_names_the_file_and_the_key(tmp_path):
     path = write(tmp_path, "model: {base: runs/s1}\nlora: {r: abc}\n")
     with pytest.raises(ConfigError) as caught:
-        load_recipe(path, TrainConfig)
+        load_recipe(path, ControllerConfig)
     assert str(caught.value) == f"{path}: lora.r: expected an integer, got 'abc'"
     for text, expected in [
-        ("optim: {lr: fast}", "optim.lr: expected a number, got 'fast'"),
+        ("lr: fast", "lr: expected a number, got 'fast'"),
         ("packing: yes", "packing: expected true or false, got 'yes'"),  # only true/false are booleans
-        ("max_steps: 1.5", "max_steps: expected an integer, got 1.5"),
-        ("output_dir: 7", "output_dir: expected a string, got 7"),
+        ("steps: 1.5", "steps: expected an integer, got 1.5"),
+        ("run_dir: 7", "run_dir: expected a string, got 7"),
         ("lora: 8", "lora: expected a mapping, got 8"),
         ("data: {train: runs/x.jsonl}", "data.train: expected a list, got 'runs/x.jsonl'"),
         ("data: {world: {task_weights: {count: lots}}}", "data.world.task_weights.count: expected a number"),
         ("model: {spec: {vision: {image_size: 1.5}}}", "model.spec.vision.image_size: expected an integer"),
     ]:
         with pytest.raises(ConfigError, match="recipe.yaml: ") as caught:
-            load_recipe(write(tmp_path, text + "\n"), TrainConfig)
+            load_recipe(write(tmp_path, text + "\n"), ControllerConfig)
         assert expected in str(caught.value), text
 
 
 def test_unknown_keys_are_refused_at_every_level(tmp_path):
-    path = write(tmp_path, "model: {base: runs/s1}\nmax_step: 5\noptim: {weight_decy: 0.1}\nmodel_: {}\n")
+    path = write(tmp_path, "model: {base: runs/s1}\nstep: 5\nlora: {alpah: 8}\nmodel_: {}\n")
     with pytest.raises(ConfigError) as caught:
-        load_recipe(path, TrainConfig)
+        load_recipe(path, ControllerConfig)
     text = str(caught.value)
     assert text.startswith(f"{path}: 3 problems: ") and "\n" not in text
-    assert "max_step: unknown key (did you mean 'max_steps'?); keys are: stage, output_dir," in text
-    assert (
-        "optim.weight_decy: unknown key (did you mean 'weight_decay'?); keys are: lr, weight_decay," in text
-    )
+    assert "step: unknown key (did you mean 'steps'?); keys are: run_dir, steps," in text
+    assert "lora.alpah: unknown key (did you mean 'alpha'?); keys are: r, alpha," in text
     assert "model_: unknown key" in text
     world = write(tmp_path, "steps: 3\nmodel: {vision_width: 64, colour: red}\n")
     with pytest.raises(ConfigError, match=r"model\.colour: unknown key; keys are: run_dir, steps"):
@@ -99,18 +97,18 @@ def test_overrides_are_read_as_yaml_and_validated_the_same_way(tmp_path):
     config = load_recipe(None, detector, ["lr=1e-4", "focus=[bird,dog]", "all_negatives=true", "steps=8"])
     assert config.lr == 1e-4 and isinstance(config.lr, float)
     assert config.focus == ["bird", "dog"] and config.all_negatives is True and config.steps == 8
-    trained = load_recipe(STAGE2, TrainConfig, ["lora.r=8", "optim.lr=1", "resume=no", "mixed_precision=no"])
-    assert trained.lora.r == 8 and trained.optim.lr == 1.0 and isinstance(trained.optim.lr, float)
-    assert trained.resume == "no" and trained.mixed_precision == "no"  # `no` is text, as the fields want
+    trained = load_recipe(STAGE2, ControllerConfig, ["lora.r=8", "lr=1", "resume=no", "bf16=false"])
+    assert trained.lora.r == 8 and trained.lr == 1.0 and isinstance(trained.lr, float)
+    assert trained.resume == "no" and trained.bf16 is False  # `no` is text, as the field wants
     with pytest.raises(ConfigError) as caught:
-        load_recipe(STAGE2, TrainConfig, ["lora.r=abc"])
+        load_recipe(STAGE2, ControllerConfig, ["lora.r=abc"])
     assert str(caught.value) == (
         f"{STAGE2}: lora.r: expected an integer, got 'abc' (from the override 'lora.r=abc')"
     )
     with pytest.raises(
         ConfigError, match=r"lora\.rank: unknown key; keys are: r, alpha, .*override 'lora.rank=4'"
     ):
-        load_recipe(STAGE2, TrainConfig, ["lora.rank=4"])
+        load_recipe(STAGE2, ControllerConfig, ["lora.rank=4"])
     with pytest.raises(
         ConfigError, match=r"^overrides: focus: expected a list, got 'bird' \(from the override"
     ):
@@ -132,7 +130,7 @@ def test_a_bad_override_says_which(pair, expected):
         with pytest.raises(
             ConfigError, match=r"lora: expected a mapping, got 3 \(from the override 'lora=3'\)"
         ):
-            load_recipe(STAGE2, TrainConfig, [pair])
+            load_recipe(STAGE2, ControllerConfig, [pair])
         return
     with pytest.raises(ConfigError) as caught:
         parse_overrides([pair])
@@ -146,11 +144,11 @@ def test_an_override_inside_a_value_is_refused():
 
 def test_the_config_classes_own_checks_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"recipe\.yaml: stage must be 1 \(projector\) or 2"):
-        load_recipe(write(tmp_path, "stage: 3\nmodel: {base: x}\n"), TrainConfig)
+        load_recipe(write(tmp_path, "stage: 3\nmodel: {base: x}\n"), ControllerConfig)
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_recipe(write(tmp_path, "lora: {r: [1\n"), TrainConfig)
+        load_recipe(write(tmp_path, "lora: {r: [1\n"), ControllerConfig)
     with pytest.raises(ConfigError, match="expected a mapping of recipe keys, got list"):
-        load_recipe(write(tmp_path, "- 1\n"), TrainConfig)
+        load_recipe(write(tmp_path, "- 1\n"), ControllerConfig)
 
 
 def test_scalars_follow_yaml_1_2():

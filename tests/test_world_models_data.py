@@ -165,6 +165,7 @@ def test_count_threshold_calibration_picks_the_separating_band():
 def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkeypatch):
     import numpy as np
 
+    from toolvlm.cli import main
     from toolvlm.evaluation import calibrate_detector
     from toolvlm.tools.counter import CounterTool
     from toolvlm.tools.detectors import CALIBRATION
@@ -180,14 +181,14 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
 
     monkeypatch.setattr(calibrate_detector, "collect", collect)
     monkeypatch.setattr(CounterTool, "setup", lambda self: None)
-    assert calibrate_detector.main([str(tmp_path), "--contain", "1,0.8,0.6"]) == 0
+    assert main(["train", "calibrate-detector", f"detector={tmp_path}", "contain=[1,0.8,0.6]"]) == 0
     written = json.loads((tmp_path / CALIBRATION).read_text())
     assert written["count_contain"] == 0.8 and written["calibration_count_accuracy"] == 1.0
     # grounding keeps the threshold found without containment
     assert written["count_threshold"] < 0.5 < written["grounding_threshold"] < 0.9
-    assert calibrate_detector.main([str(tmp_path)]) == 0  # off unless asked for
+    assert main(["train", "calibrate-detector", f"detector={tmp_path}"]) == 0  # off unless asked for
     assert json.loads((tmp_path / CALIBRATION).read_text())["count_contain"] == 1.0
-    assert calibrate_detector.main([str(tmp_path), "--grounding-threshold", "0.2"]) == 0
+    assert main(["train", "calibrate-detector", f"detector={tmp_path}", "grounding_threshold=0.2"]) == 0
     written = json.loads((tmp_path / CALIBRATION).read_text())
     assert written["grounding_threshold"] == 0.2 and written["count_threshold"] > 0.5  # counting's own kept
     assert written["views"] == 1
@@ -201,7 +202,10 @@ def test_calibration_keeps_the_containment_nms_that_counts_best(tmp_path, monkey
         return [("dog", 1, seen), ("dog", 2, np.array([0.88, 0.8], np.float32))]
 
     monkeypatch.setattr(calibrate_detector, "collect", collect_views)
-    assert calibrate_detector.main([str(tmp_path), "--views", "2", "--view-iou", "0.5,0.3,0.2"]) == 0
+    assert (
+        main(["train", "calibrate-detector", f"detector={tmp_path}", "views=2", "view_iou=[0.5,0.3,0.2]"])
+        == 0
+    )
     written = json.loads((tmp_path / CALIBRATION).read_text())  # counted as the tools will count
     assert (
         written["views"] == 2 and written["view_iou"] == 0.3 and written["calibration_count_accuracy"] == 1.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolvlm.finetune.train_world import run_stage
+from toolvlm.finetune.train_stages import run_stage
 from toolvlm.tools.registry import build_tools
 from toolvlm.world import CATEGORIES, render_scene, sample_scene
 
@@ -36,14 +36,14 @@ def tiny_encoder_overrides(run: Path, steps: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory) -> Path:
-    return run_stage("encoder", None, tiny_encoder_overrides(tmp_path_factory.mktemp("enc") / "run"))
+    return run_stage("encoder", None, tiny_encoder_overrides(tmp_path_factory.mktemp("enc") / "run")).run
 
 
 @pytest.fixture(scope="module")
 def detector_run(tmp_path_factory, encoder_run) -> Path:
     run = tmp_path_factory.mktemp("det") / "run"
     overrides = [f"run_dir={run}", f"init_from={encoder_run / 'export'}", "steps=2", "batch_size=2"]
-    return run_stage("detector", None, [*overrides, "warmup_steps=1", "save_every=1"])
+    return run_stage("detector", None, [*overrides, "warmup_steps=1", "save_every=1"]).run
 
 
 def test_detector_continues_from_a_trained_export_with_its_heads(detector_run, tmp_path):
@@ -100,7 +100,8 @@ def test_detector_resized_to_a_larger_input_equals_interpolated_position_embeddi
 def test_encoder_trains_resumes_and_exports(encoder_run, tmp_path):
     log = [json.loads(line) for line in (encoder_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
-    assert torch.load(encoder_run / "checkpoint.pt", weights_only=True)["step"] == 2
+    state = json.loads((encoder_run / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["step"] == 2 and len(state["losses"]) == 2
     export = encoder_run / "export"
     assert (export / "model.safetensors").is_file() and (export / "recipe.yaml").is_file()
     # resuming to 3 steps runs one more step only
@@ -136,14 +137,14 @@ def test_detector_loads_in_grounding_and_counter(detector_run):
 @pytest.fixture(scope="module")
 def captioner_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cap") / "run"
-    return run_stage("captioner", None, [f"run_dir={run}", "steps=1", "max_length=48", *TINY_TOWERS])
+    return run_stage("captioner", None, [f"run_dir={run}", "steps=1", "max_length=48", *TINY_TOWERS]).run
 
 
 @pytest.mark.parametrize("stage", ["encoder", "captioner"])
 def test_encoder_and_captioner_continue_from_a_trained_export(stage, encoder_run, captioner_run, tmp_path):
     from safetensors.torch import load_file
 
-    from toolvlm.finetune.train_world import stage_classes
+    from toolvlm.finetune.train_stages import stage_classes
 
     run = {"encoder": encoder_run, "captioner": captioner_run}[stage]
     saved = load_file(run / "export" / "model.safetensors")
@@ -180,7 +181,7 @@ def test_encoder_and_captioner_continue_from_a_trained_export(stage, encoder_run
 def generator_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gen") / "run"
     overrides = [f"run_dir={run}", "steps=1", "batch_size=2", "image_size=16"]
-    return run_stage("generator", None, [*overrides, "block_out_channels=[8, 16]", "norm_num_groups=4"])
+    return run_stage("generator", None, [*overrides, "block_out_channels=[8, 16]", "norm_num_groups=4"]).run
 
 
 def test_generated_set_resumes_and_feeds_the_detector_category_queries(generator_run, detector_run, tmp_path):
@@ -470,7 +471,8 @@ class LinearStage:
 
 
 def test_ema_is_the_warmed_up_average_of_the_weights_and_is_exported_and_resumed(tmp_path):
-    from toolvlm.finetune.train_common import TrainConfig, load_checkpoint_into, train
+    from toolvlm.finetune.train_checkpoint import load_checkpoint_into
+    from toolvlm.finetune.train_loop import TrainConfig, train
 
     def config(run: Path, steps: int, ema_decay: float = 0.5) -> TrainConfig:
         # a constant learning rate, so that an n-step run's weights are a longer run's after n steps
@@ -504,7 +506,7 @@ def test_ema_is_the_warmed_up_average_of_the_weights_and_is_exported_and_resumed
 
 def test_worker_processes_build_the_same_batches_and_train_the_same_weights(tmp_path):
     """`workers` only moves batch building into processes: the weights after a run are bit-identical."""
-    from toolvlm.finetune.train_common import TrainConfig, train, train_device
+    from toolvlm.finetune.train_loop import TrainConfig, train, train_device
 
     def run(name: str, workers: int) -> torch.Tensor:
         stage = LinearStage()
@@ -520,3 +522,36 @@ def test_worker_processes_build_the_same_batches_and_train_the_same_weights(tmp_
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             train_device("cuda")
+
+
+def test_a_run_in_the_old_single_file_format_resumes_and_exports(tmp_path):
+    """Runs written before the one checkpoint format (`checkpoint.pt`: model, optimizer, step) still resume."""
+    from safetensors.torch import load_file
+
+    from toolvlm.finetune.train_checkpoint import latest_checkpoint, load_checkpoint_into, load_training_state
+    from toolvlm.finetune.train_loop import TrainConfig, optimizer_for, train
+
+    def config(run: Path, steps: int) -> TrainConfig:
+        return TrainConfig(run_dir=str(run), steps=steps, lr=0.1, warmup_steps=1, bf16=False, progress=False)
+
+    straight = LinearStage()
+    train(straight, config(tmp_path / "straight", 4))
+    first = LinearStage()
+    train(first, config(tmp_path / "first", 2))
+    old = tmp_path / "old"
+    old.mkdir()  # the same step-2 state, written as the old loop wrote it
+    model = LinearStage().model
+    assert load_checkpoint_into(model, tmp_path / "first") == 2
+    optimizer = optimizer_for(model, config(old, 4))
+    step2 = tmp_path / "first" / "checkpoints" / "step_0000002"
+    optimizer.load_state_dict(load_training_state(step2 / "training.pt")["optimizer"])
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 2}, old / "checkpoint.pt"
+    )
+    assert latest_checkpoint(old) == old / "checkpoint.pt"
+    assert load_file(step2 / "model.safetensors").keys() == model.state_dict().keys()
+    resumed = LinearStage()
+    result = train(resumed, config(old, 4))
+    assert result.steps == 4 and len(result.losses) == 2  # steps 3 and 4 only
+    torch.testing.assert_close(resumed.exported["weight"], straight.exported["weight"])
+    assert latest_checkpoint(old).name == "step_0000004"  # and it continues in the one format

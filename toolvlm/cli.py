@@ -29,7 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tool": ("toolvlm.tools.cli", "run one tool directly on an image"),
     "mcp": ("toolvlm.tools.mcp_server", "serve the tools over the Model Context Protocol (stdio or HTTP)"),
     "world": ("toolvlm.world.cli", "sample or render scenes of the procedurally drawn world"),
-    "finetune": ("toolvlm.finetune.cli", "train a VLM controller from a YAML recipe (key=value overrides)"),
+    "train": (
+        "toolvlm.train_cli",
+        "run a stage of making a bundle: train, calibrate, export (RECIPE, key=value)",
+    ),
+    "finetune": ("toolvlm.train_cli", "train the VLM controller from a YAML recipe (= train controller)"),
     "eval": ("toolvlm.evaluation.cli", "evaluate the world models or the controller"),
     "serve": ("toolvlm.serve.cli", "serve a web page and an OpenAI-compatible API (loopback by default)"),
     "demo": ("toolvlm.demo", "run the four-step crowd demo (describe, box, count, generate)"),
