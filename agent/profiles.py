@@ -30,11 +30,14 @@ from typing import Any
 
 import yaml
 
+from toolvlm import bundle as bundle_names
 from toolvlm.config import load_yaml
 
 CONTROLLER_BACKENDS = ("local", "openai", "scripted")  # agent/profile_schema.py: their options
-BUNDLE_PROFILE = "profile.yaml"  # a profile shipped inside the bundle; relative model paths are bundle parts
-BUNDLE_TOOLS = {"grounding": "detector", "captioner": "captioner", "generator": "generator"}  # tool -> part
+BUNDLE_PROFILE = (
+    bundle_names.PROFILE
+)  # a profile shipped inside the bundle; relative model paths are bundle parts
+BUNDLE_TOOLS = bundle_names.TOOL_PARTS  # tool -> part
 
 
 class ProfileError(ValueError):

@@ -23,12 +23,11 @@ from typing import Any
 
 import yaml
 
-from toolvlm.bundle import bundle_dir
+from toolvlm.bundle import DOMAIN_STATS, PROFILE, WORLD_PARTS, bundle_dir
 from toolvlm.world.scene import CATEGORIES
 
 log = logging.getLogger(__name__)
 
-WORLD_PARTS = ("encoder", "detector", "captioner", "generator")
 TRAIN_CONFIG = "recipe.yaml"  # the resolved recipe every training run writes
 CONTROLLER_PROMPTS = "compact"  # the prompt file the controller recipes train with
 CONTROLLER_VISION = "vision"  # the controller's own copy of the vision tower it was trained with
@@ -232,9 +231,9 @@ def write_profile(out: Path) -> Path:
             "max_new_tokens": 160,  # the longest world paragraph; a looping reply stops sooner
         },
     }
-    if (out / "domain.safetensors").is_file():  # the out-of-domain check (toolvlm.tools.domain)
-        profile["domain"] = {"stats": "domain.safetensors"}
-    path = out / "profile.yaml"
+    if (out / DOMAIN_STATS).is_file():  # the out-of-domain check (toolvlm.tools.domain)
+        profile["domain"] = {"stats": DOMAIN_STATS}
+    path = out / PROFILE
     header = "# Written by toolvlm.finetune.export_bundle; model paths are relative to this folder.\n"
     path.write_text(header + yaml.safe_dump(profile, sort_keys=False))
     return path

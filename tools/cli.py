@@ -120,7 +120,7 @@ def default_spec() -> dict[str, dict[str, Any]]:
     configure one)."""
     from toolvlm import bundle
 
-    shipped = bundle.bundle_dir() / "profile.yaml"
+    shipped = bundle.bundle_dir() / bundle.PROFILE
     return load_profile(shipped) if shipped.is_file() else {}
 
 
