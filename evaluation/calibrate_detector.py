@@ -9,25 +9,16 @@ keeps; since greedy NMS visits boxes best first, the count at a higher threshold
 >= t. The threshold with the most exact counts (ties: the middle of the best run) is written to
 `toolvlm_detector.json` as `count_threshold` (and `grounding_threshold`), which the tools read as their default.
 With `own_thresholds=true`, a category with at least `min_samples` counts whose own best threshold counts at least
-`min_gain` more of them right than the shared one gets it too (`count_thresholds`, under its singular and plural),
-as detectors score some kinds lower than others. Measured on the ninth bundle's detector with `n=300
-own_thresholds=true` (shared 0.28 instead of 0.25 from 80 scenes; six categories their own, 0.21-0.41): counts exact
-up to 30 0.847 -> 0.863 and 0.855 -> 0.865 on the eval's two sets, but the generator's crowds, which score lower,
-are undercounted (the controller's generate ok 8 -> 6 of 12), so the bundle ships one shared threshold.
+`min_gain` more of them right than the shared one gets it too (`count_thresholds`, under its singular and plural).
 With `contain=[1,0.7]`, the counter's containment NMS (a box lying that much inside a better one is dropped;
 1: off) is calibrated too: the scenes are counted once per value, each gets its best threshold, and the value
-that counts the most right (the first listed on ties) is written as `count_contain` with its threshold, which
-the counter reads as its defaults (the grounding threshold stays the one without containment, when 1 is tried).
-On the bundle's detector `contain=[1,0.7,0.6,0.5]` picks 0.5 at threshold 0.22 (calibration counts 0.848 ->
-0.871): exact up to 30 0.852 -> 0.902 and 0.855 -> 0.883 on the eval's two sets, but dense generated crowds lose
-overlapping people (the controller's generate ok 6 -> 4 of 12), so the bundle ships it off.
+that counts the most right (the first listed on ties) is written as `count_contain` with its threshold (the
+grounding threshold stays the one without containment, when 1 is tried).
 `grounding_threshold=T` writes T for grounding instead: a referring expression with position words picks its
-box among the candidates found for its search phrase ('the cloud'), and one scored below the counting threshold
-is not among them (the twelfth bundle: counting 0.27, grounding 0.2).
+box among the candidates found for its search phrase, so grounding may want weaker candidates than counting.
 With `views=2` the scenes are counted as a detector that looks twice counts (detectors.py), once per value of
 `view_iou` (the IoU above which a box suppresses a weaker one of the other view), and the best is written with
-`"views": 2`. The fourteenth bundle's detector: 0.2 of 0.3, 0.2 (0.5 counts 0.918 on the thirteenth's weights,
-0.2 0.944; one view 0.912).
+`"views": 2`. What each option did to earlier bundles is in docs/RESULTS.md (Experiments).
 """
 
 from __future__ import annotations

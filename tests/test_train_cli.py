@@ -113,4 +113,4 @@ def test_bad_keys_and_values_exit_2_naming_them(argv, named, capsys):
 def test_print_config_shows_the_resolved_task_config(capsys):
     assert main(["train", "calibrate-detector", "detector=d", "contain=[1,0.7]", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    assert "contain:\n- 1\n- 0.7" in printed and "detector: d" in printed
+    assert "contain:\n- 1.0\n- 0.7" in printed and "detector: d" in printed
