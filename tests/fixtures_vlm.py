@@ -110,3 +110,19 @@ def n_images(messages: list[dict]) -> int:
 def tiny_lm_dir(tmp_path_factory) -> Path:
     """A saved tiny LLaMA + tokenizer folder."""
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def save_wide_llama(folder: Path, seed: int = 0, init: float = 0.15) -> Path:
+    """A 2-layer random LLaMA with grouped keys and values (4 heads, 2 kv heads) and SmolLM2's MLP width, wide
+    enough at init (`init`) that bf16 rounding decides near-ties between its top logits; saved with a tokenizer."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=init,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

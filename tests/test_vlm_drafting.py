@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_vlm import chat, make_tokenizer, random_image, tiny_lm_dir, tiny_spec  # noqa: F401
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+from fixtures_vlm import chat, make_tokenizer, random_image, save_wide_llama, tiny_lm_dir, tiny_spec  # noqa: F401
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from toolvlm.vlm import build_vlm, load_vlm
 from toolvlm.vlm.drafting import CORPUS_FILE, DraftConfig, NgramDrafter, read_corpus, write_corpus
@@ -140,20 +140,9 @@ def test_a_saved_corpus_gives_the_loaded_vlm_its_drafter(tiny, tmp_path):
 
 
 def _save_wide_tiny_lm(folder: Path) -> Path:
-    """A 2-layer random LLaMA with a 4096-token vocabulary and a 1536-wide MLP (SmolLM2's): in bf16 its top
-    two logits are often close, and a pass over several tokens rounds some of them differently from one-token
-    passes (the down projection's blocking, the masked attention kernel)."""
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=4096, hidden_size=64, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=WIDE_INIT,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """The wide random LLaMA of fixtures_vlm (bf16 rounding decides its near-ties; the down projection's blocking
+    and the masked attention kernel differ between one-token and many-token passes)."""
+    return save_wide_llama(folder, seed=0, init=WIDE_INIT)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_vlm import make_tokenizer, random_image, tiny_lm_dir, tiny_spec  # noqa: F401
-from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from fixtures_vlm import random_image, save_wide_llama, tiny_lm_dir, tiny_spec  # noqa: F401
+from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
 from toolvlm.vlm import build_vlm
@@ -16,25 +16,9 @@ from toolvlm.vlm.engine import SamplingConfig
 from toolvlm.vlm.fast_decode import INITIAL_CAPACITY, BufferLayer, LlamaDecodeStep, buffer_cache
 
 
-def _save_gqa_lm(folder: Path) -> Path:
-    """A 2-layer random LLaMA with grouped keys and values (4 heads, 2 kv heads) and SmolLM2's MLP width, wide
-    enough at init that bf16 rounding decides near-ties between its top logits."""
-    tokenizer = make_tokenizer()
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=4096, hidden_size=64, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.15,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def gqa_dir(tmp_path_factory) -> Path:
-    return _save_gqa_lm(tmp_path_factory.mktemp("gqa_lm"))
+    return save_wide_llama(tmp_path_factory.mktemp("gqa_lm"), seed=1)
 
 
 @pytest.fixture(scope="module", params=["bfloat16", "float32"])
