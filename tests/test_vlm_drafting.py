@@ -150,12 +150,14 @@ def wide_bf16(tmp_path_factory):
     return build_vlm(tiny_spec(_save_wide_tiny_lm(tmp_path_factory.mktemp("wide_lm"))), dtype="bfloat16")
 
 
+@pytest.mark.parametrize("kernels", ["exact", "prepacked"])
 @pytest.mark.parametrize("tie_margin", [None, 0.1])
-def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin):
+def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin, kernels):
     # None: bf16's default, no drafts (its rounding differences reach common margins); 0.1: drafts checked,
-    # near-ties run again alone (a margin this model's differences stay under)
+    # near-ties run again alone (a margin this model's differences stay under); prepacked: the plain steps run
+    # on oneDNN's prepacked kernels, whose last bits differ from the drafted passes' too
     engine, generator = wide_bf16.engine, torch.Generator().manual_seed(0)
-    engine.tie_margin = tie_margin
+    engine.tie_margin, engine.decode_kernels = tie_margin, kernels
     drafted_tokens, accepted, rechecked = 0, 0, 0
     for prompt in range(20):
         ids = torch.randint(3, 380, (16,), generator=generator).tolist()
@@ -166,6 +168,7 @@ def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin):
         drafter = _Oracle(len(ids), plain, wrong=7, vocab=300, most=12)  # (the old engine changed prompt 11)
         drafted = list(engine.generate(ids, config=cfg, drafter=drafter))
         assert drafted == plain, f"prompt {prompt}: drafts changed the greedy tokens"
+        assert engine._fast is not None and engine._fast.kernels == kernels
         drafted_tokens += engine.stats.drafted_tokens
         accepted += engine.stats.accepted_tokens
         rechecked += engine.stats.rechecked_tokens

@@ -52,6 +52,26 @@ def test_step_logits_are_the_model_forward_bit_for_bit(gqa_vlm):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@torch.inference_mode()
+def test_prepacked_step_logits_match_the_forward_to_the_last_bits(gqa_vlm):
+    model = gqa_vlm.model
+    exact, packed = LlamaDecodeStep.build(model), LlamaDecodeStep.build(model, kernels="prepacked")
+    assert packed is not None and packed.kernels == "prepacked" and packed.fused[0] == 2 * len(packed.layers)
+    embed, tol = model.get_input_embeddings(), {torch.bfloat16: 0.05, torch.float32: 1e-4}[model.dtype]
+    for ids in _prompts(2, seed=5):
+        caches = buffer_cache(model.config), buffer_cache(model.config)
+        x = embed(torch.tensor([ids]))
+        for cache in caches:
+            logits = model(inputs_embeds=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0]
+        x = embed(logits.argmax(-1)[None])
+        for _ in range(24):
+            want, got = exact(x, caches[0]), packed(x, caches[1])
+            assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+            x = embed(want.argmax(-1)[None])
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        LlamaDecodeStep(model.model.language_model, model.lm_head, model, kernels="fast")
+
+
 def _hf_greedy(vlm, ids: list[int], n: int, images=()) -> list[int]:
     """transformers' greedy `generate` of exactly `n` new tokens (no end of turn)."""
     inputs = {"input_ids": torch.tensor([ids])}

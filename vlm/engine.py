@@ -19,7 +19,9 @@
 - One-token decode steps of a LLaMA language model run through `fast_decode.LlamaDecodeStep` (fused
   projections, a preallocated KV cache, no module overhead): the same logits, bit for bit, as the model's
   forward, which still runs the prefill and every pass over several tokens. Other models decode with their
-  forward; `fast_decode=False` turns the step off.
+  forward; `fast_decode=False` turns the step off. `decode_kernels="prepacked"` runs the step's linears on
+  oneDNN weights reordered once (faster on CPUs, a second copy of the weights; a few logits differ in the last
+  bit, so a near-tie may decode another token than the model's forward would).
 
 The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
 """
@@ -94,6 +96,7 @@ class LlavaEngine:
         max_cached_images: int = 64,
         tie_margin: float | None = None,
         fast_decode: bool = True,
+        decode_kernels: str = "exact",
     ):
         self.model = model
         self.image_processor = image_processor
@@ -105,6 +108,7 @@ class LlavaEngine:
         self._cache_keys: list[object] = []
         self.stats = EngineStats()
         self.fast_decode = fast_decode  # one-token steps of a LLaMA LM by `LlamaDecodeStep` (same logits)
+        self.decode_kernels = decode_kernels  # the step's linears: "exact" or "prepacked" (fast_decode.KERNELS)
         self._fast: LlamaDecodeStep | None = None
         self._fast_checked = False
 
@@ -180,10 +184,12 @@ class LlavaEngine:
         """The LLaMA decode step for the model's current weights, built at first use; None where it does not apply."""
         if not self.fast_decode:
             return None
-        if self._fast is not None and not self._fast.is_current():
-            self._fast, self._fast_checked = None, False  # weights replaced or changed: build again
+        if self._fast is not None and (
+            not self._fast.is_current() or self._fast.kernels != self.decode_kernels
+        ):
+            self._fast, self._fast_checked = None, False  # weights or kernels changed: build again
         if not self._fast_checked:
-            self._fast, self._fast_checked = LlamaDecodeStep.build(self.model), True
+            self._fast, self._fast_checked = LlamaDecodeStep.build(self.model, self.decode_kernels), True
         return self._fast
 
     def _forward(self, embeds: torch.Tensor, keep: int = 1) -> torch.Tensor:

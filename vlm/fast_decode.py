@@ -12,10 +12,13 @@
   concatenating a new tensor every token; the model's own forward (prefill, drafted or forced tokens) uses the
   same cache and sees the same keys and values.
 
-Not used, measured on the 2-core dev machine (AVX512-BF16): oneDNN weights prepacked once
-(`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`) run the bf16 linears 1.3-3x faster (the
-49152 x 576 head 1.2 ms instead of 4-5 ms), but by another kernel (inner product, not matmul) whose sums differ
-in the last bit for a few outputs (2 of 49216 logits on one input), so greedy text could change.
+`kernels="prepacked"` (opt-in) runs every linear of the step on oneDNN weights reordered once for it
+(`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, the kernels of `torch.compile`'s CPU freezing
+pass): 1.3-3x faster per bf16 linear on the 2-core dev machine (the 49152 x 576 head 1.2 ms instead of 4-5 ms),
+at the cost of a second copy of the weights and of the last bit: that kernel (an inner product, not a matmul)
+sums in another order, so a few logits differ from the model's forward in their last bit (2 of 49216 on one
+input) and a near-tie can decode another token than transformers' `generate` does. Drafted decoding stays
+equal to the engine's own plain decoding either way (the engine re-checks near-ties with a one-token step).
 
 The step knows LLaMA's decoder layer and nothing else: other architectures, LoRA layers not merged, a model in
 training mode or another attention implementation get `None` from `LlamaDecodeStep.build` (with the reason
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 # Rotary embeddings whose cos/sin depend on the position only (not on the sequence length): memoized per position.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 INITIAL_CAPACITY = 512  # positions a KV buffer holds before it doubles
+KERNELS = ("exact", "prepacked")  # the linears: the model forward's bits, or oneDNN prepacked weights
 
 
 class BufferLayer(DynamicLayer):
@@ -122,8 +126,8 @@ class _Linears:
     """Builds the step's linears: one matmul over concatenated weights where that gives the separate matmuls'
     bits on this machine (checked on random inputs), else the separate matmuls."""
 
-    def __init__(self, dtype: torch.dtype, samples: int = 4):
-        self.dtype, self.samples = dtype, samples
+    def __init__(self, dtype: torch.dtype, samples: int = 4, prepacked: bool = False):
+        self.dtype, self.samples, self.prepacked = dtype, samples, prepacked
         self.generator = torch.Generator().manual_seed(0)
         self.fused = self.separate = 0
 
@@ -136,6 +140,10 @@ class _Linears:
 
     def __call__(self, *weights: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """One function giving the outputs of `weights` concatenated on the last dimension."""
+        if self.prepacked:  # the bits differ from F.linear's anyway: always one matmul
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
+            self.fused += len(weights) > 1
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         if len(weights) == 1:
             weight = weights[0]
             return lambda x: F.linear(x, weight)
@@ -193,17 +201,19 @@ def _weights_signature(model: nn.Module) -> tuple:
 
 class LlamaDecodeStep:
     """Logits of the next position after one token, for a LLaMA `LlamaModel` and its head, on a `BufferLayer`
-    cache; the same bits as the model's own forward (see the module docstring)."""
+    cache; the same bits as the model's own forward with `kernels="exact"` (see the module docstring)."""
 
-    def __init__(self, lm: nn.Module, head: nn.Linear, model: nn.Module):
+    def __init__(self, lm: nn.Module, head: nn.Linear, model: nn.Module, kernels: str = "exact"):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         config = lm.config
-        self.model = model
+        self.model, self.kernels = model, kernels
         self.signature = _weights_signature(model)
         self.rotary = lm.rotary_emb
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         dtype = head.weight.dtype
-        linears = _Linears(dtype)
+        linears = _Linears(dtype, prepacked=kernels == "prepacked")
         self.layers = []
         for layer in lm.layers[: config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
@@ -229,16 +239,20 @@ class LlamaDecodeStep:
         logger.debug("decode step: %d layers, %d fused matmuls, %d not", len(self.layers), *self.fused)
 
     @classmethod
-    def build(cls, model: nn.Module) -> LlamaDecodeStep | None:
+    def build(cls, model: nn.Module, kernels: str = "exact") -> LlamaDecodeStep | None:
         """The step for a causal LM or LLaVA-style model whose language model is a LLaMA, or None (logged why)."""
         lm = model.get_decoder() if hasattr(model, "get_decoder") else None
         lm = getattr(lm, "language_model", lm)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         reason = "the model has no decoder" if lm is None else _unsupported(lm, head, model)
+        if reason is None and kernels == "prepacked" and not torch.backends.mkldnn.is_available():
+            reason = "prepacked kernels need oneDNN (mkldnn), absent from this torch build"
+        if reason is None and kernels == "prepacked" and head.weight.device.type != "cpu":
+            reason = "prepacked kernels run on the CPU only"
         if reason is not None:
             logger.info("decoding with the model's forward: %s", reason)
             return None
-        return cls(lm, head, model)
+        return cls(lm, head, model, kernels)
 
     def is_current(self) -> bool:
         """Whether the model's weights are still the ones the step copied (not replaced or changed in place)."""
