@@ -108,7 +108,7 @@ class LlavaEngine:
         self._cache_keys: list[object] = []
         self.stats = EngineStats()
         self.fast_decode = fast_decode  # one-token steps of a LLaMA LM by `LlamaDecodeStep` (same logits)
-        self.decode_kernels = decode_kernels  # the step's linears: "exact" or "prepacked" (fast_decode.KERNELS)
+        self.decode_kernels = decode_kernels  # the step's linears: fast_decode.KERNELS
         self._fast: LlamaDecodeStep | None = None
         self._fast_checked = False
 
