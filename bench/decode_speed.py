@@ -9,8 +9,10 @@ negligible; the lm head, tied or not; the KV cache at the mean context), and tim
 requests of the world (`toolvlm eval controller`'s held-out phrasings, another seed), side by side:
 
 - toolvlm's engine, greedy, drafts off (plain: one-token steps by `toolvlm.vlm.fast_decode.LlamaDecodeStep`, the
-  model forward's logits bit for bit) and on (the controller's n-gram draft corpus; the engine decodes
-  without drafts in bf16, where they could change the text, so compare with `--dtype float32`);
+  model forward's logits bit for bit), drafts off with the step's oneDNN prepacked kernels
+  (`decode_kernels="prepacked"`: a few logits differ in the last bit; the share of replies equal to plain is
+  reported), and drafts on (the controller's n-gram draft corpus; the engine decodes without drafts in bf16,
+  where they could change the text, so compare with `--dtype float32`);
 - transformers' `generate` on the same model, greedy, the same number of new tokens;
 - llama.cpp (llama-cpp-python) on the GGUF the base LM comes from, when `llama_cpp` imports: the base LM's
   quantized weights, not the merged controller, so its limit is counted from its own file.
@@ -71,9 +73,12 @@ def decode_bytes(model: torch.nn.Module, context: float) -> tuple[int, int]:
     return weights, int(kv_per_position * context)
 
 
-def time_engine(vlm, rendered, n_tokens: int, drafts: bool) -> tuple[list[int], float, float]:
+def time_engine(
+    vlm, rendered, n_tokens: int, drafts: bool, kernels: str = "exact"
+) -> tuple[list[int], float, float]:
     """Greedy reply of the engine: (tokens, decode seconds, prefill seconds)."""
     engine = vlm.engine
+    engine.decode_kernels = kernels
     cfg = SamplingConfig(max_new_tokens=n_tokens, stop_token_ids=vlm.stop_token_ids)
     engine.reset()
     t0 = time.perf_counter()
@@ -141,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     vlm = load_vlm(f"{args.bundle}/controller", dtype=args.dtype, merge=True)
     if vlm.drafter is None:
         parser.error(f"{args.bundle}'s controller has no draft corpus")
-    rates: dict[str, list[float]] = {"plain": [], "drafts": [], "hf_generate": [], "llama_cpp": []}
+    rates: dict[str, list[float]] = {name: [] for name in ("plain", "prepacked", "drafts", "hf_generate")}
+    rates["llama_cpp"] = []
     same, drafts_used, contexts, notes, gguf_bytes, same_as_generate, fast_steps = 0, 0, [], [], 0, 0, 0
+    prepacked_same = 0
     for i, (scene, turn) in enumerate(plan_eval(args.n, args.seed, tasks=("describe",))):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.text}]}]
         rendered = vlm.render(messages, [render_scene(scene)], add_generation_prompt=True)
         plain, plain_s, prefill_s = time_engine(vlm, rendered, args.max_new_tokens, drafts=False)
         fast_steps += vlm.engine.stats.fast_steps
+        packed, packed_s, _ = time_engine(vlm, rendered, args.max_new_tokens, False, kernels="prepacked")
+        prepacked_same += packed == plain
         drafted, drafts_s, _ = time_engine(vlm, rendered, args.max_new_tokens, drafts=True)
         same += drafted == plain
         drafts_used += vlm.engine.stats.drafted_tokens > 0
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         same_as_generate += hf_tokens == plain
         if n >= MIN_TIMED_TOKENS:  # (a short reply's decode time is mostly the noise of its prefill's)
             rates["plain"].append((n - 1) / plain_s)  # the first token comes with the prefill
+            rates["prepacked"].append((len(packed) - 1) / packed_s)
             rates["drafts"].append((len(drafted) - 1) / drafts_s)
             rates["hf_generate"].append((n - 1) / hf_s)
             llama = time_llama_cpp(n, vlm.tokenizer.decode(rendered.input_ids))
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(
         identical_drafted_replies=round(same / args.n, 4),
         plain_same_as_generate=round(same_as_generate / args.n, 4),
+        prepacked_same_as_plain=round(prepacked_same / args.n, 4),
         fast_decode_steps=fast_steps,  # plain steps run by the LLaMA decode step (0: the model's forward)
         drafts_used=drafts_used,  # replies whose decoding drafted (none in bf16: see toolvlm.vlm.engine.TIE_MARGINS)
         dtype=str(vlm.engine.dtype).removeprefix("torch."),
