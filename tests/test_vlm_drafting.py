@@ -150,12 +150,14 @@ def wide_bf16(tmp_path_factory):
     return build_vlm(tiny_spec(_save_wide_tiny_lm(tmp_path_factory.mktemp("wide_lm"))), dtype="bfloat16")
 
 
-@pytest.mark.parametrize("kernels", ["exact", "prepacked"])
-@pytest.mark.parametrize("tie_margin", [None, 0.1])
+@pytest.mark.parametrize(
+    ("tie_margin", "kernels"), [(None, "exact"), (0.1, "exact"), (None, "prepacked"), (0.5, "prepacked")]
+)
 def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin, kernels):
     # None: bf16's default, no drafts (its rounding differences reach common margins); 0.1: drafts checked,
     # near-ties run again alone (a margin this model's differences stay under); prepacked: the plain steps run
-    # on oneDNN's prepacked kernels, whose last bits differ from the drafted passes' too
+    # on oneDNN's linears and fp32 attention, further from the drafted passes' bits, whose keys and values stay
+    # in the cache: the margin must cover both paths' drift (0.3 did not, on prompt 6)
     engine, generator = wide_bf16.engine, torch.Generator().manual_seed(0)
     engine.tie_margin, engine.decode_kernels = tie_margin, kernels
     drafted_tokens, accepted, rechecked = 0, 0, 0

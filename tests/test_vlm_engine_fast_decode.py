@@ -52,24 +52,43 @@ def test_step_logits_are_the_model_forward_bit_for_bit(gqa_vlm):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-@torch.inference_mode()
-def test_prepacked_step_logits_match_the_forward_to_the_last_bits(gqa_vlm):
+def test_prepacked_step_is_as_close_to_fp32_as_the_forward(gqa_vlm, gqa_dir):
+    # prepacked: oneDNN linears (residual adds fused), fp32 attention; not the forward's bits, but in bf16 no
+    # further from the fp32 model's logits than the forward's own rounding, and in fp32 within summation order
     model = gqa_vlm.model
     exact, packed = LlamaDecodeStep.build(model), LlamaDecodeStep.build(model, kernels="prepacked")
     assert packed is not None and packed.kernels == "prepacked" and packed.fused[0] == 2 * len(packed.layers)
-    embed, tol = model.get_input_embeddings(), {torch.bfloat16: 0.05, torch.float32: 1e-4}[model.dtype]
-    for ids in _prompts(2, seed=5):
-        caches = buffer_cache(model.config), buffer_cache(model.config)
-        x = embed(torch.tensor([ids]))
-        for cache in caches:
-            logits = model(inputs_embeds=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0]
-        x = embed(logits.argmax(-1)[None])
-        for _ in range(24):
-            want, got = exact(x, caches[0]), packed(x, caches[1])
-            assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
-            x = embed(want.argmax(-1)[None])
+    reference = build_vlm(tiny_spec(gqa_dir), dtype="float32").model
+    steps = (exact, packed, LlamaDecodeStep.build(reference))
+    errors = {exact: [], packed: []}
+    with torch.inference_mode():
+        _decode_beside(steps, (model, model, reference), errors)
+    if model.dtype == torch.float32:
+        assert max(errors[packed]) < 1e-4
+    else:  # (the forward's max error here is about 0.1)
+        assert max(errors[packed]) <= 1.1 * max(errors[exact])
+        assert sum(errors[packed]) <= 1.1 * sum(errors[exact])
     with pytest.raises(ValueError, match="kernels must be one of"):
         LlamaDecodeStep(model.model.language_model, model.lm_head, model, kernels="fast")
+
+
+def _decode_beside(steps: tuple, models: tuple, errors: dict) -> None:
+    """Greedy decoding led by the last step (the reference); each other step's max logit error per token."""
+    for ids in _prompts(3, seed=5):
+        caches = [buffer_cache(m.config) for m in models]
+        for cache, m in zip(caches, models, strict=True):
+            embeds = m.get_input_embeddings()(torch.tensor([ids]))
+            logits = m(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[0]
+        for _ in range(24):
+            token = logits.argmax(-1)[None]
+            got = [
+                step(m.get_input_embeddings()(token), cache)
+                for step, m, cache in zip(steps, models, caches, strict=True)
+            ]
+            assert all(value.dtype == m.dtype for value, m in zip(got, models, strict=True))
+            logits = got[-1]
+            for step, value in zip(steps[:-1], got, strict=False):
+                errors[step].append((value.float() - logits).abs().max().item())
 
 
 def _hf_greedy(vlm, ids: list[int], n: int, images=()) -> list[int]:

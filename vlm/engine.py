@@ -20,8 +20,8 @@
   projections, a preallocated KV cache, no module overhead): the same logits, bit for bit, as the model's
   forward, which still runs the prefill and every pass over several tokens. Other models decode with their
   forward; `fast_decode=False` turns the step off. `decode_kernels="prepacked"` runs the step's linears on
-  oneDNN weights reordered once (faster on CPUs, a second copy of the weights; a few logits differ in the last
-  bit, so a near-tie may decode another token than the model's forward would).
+  oneDNN weights reordered once and its attention in fp32 (faster on CPUs, a second copy of the weights; the
+  logits round differently, so a near-tie may decode another token than the model's forward would).
 
 The engine knows token ids, image spans and the model's forward; it knows nothing of chat formats or text.
 """

@@ -12,13 +12,13 @@
   concatenating a new tensor every token; the model's own forward (prefill, drafted or forced tokens) uses the
   same cache and sees the same keys and values.
 
-`kernels="prepacked"` (opt-in) runs every linear of the step on oneDNN weights reordered once for it
-(`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, the kernels of `torch.compile`'s CPU freezing
-pass): 1.3-3x faster per bf16 linear on the 2-core dev machine (the 49152 x 576 head 1.2 ms instead of 4-5 ms),
-at the cost of a second copy of the weights and of the last bit: that kernel (an inner product, not a matmul)
-sums in another order, so a few logits differ from the model's forward in their last bit (2 of 49216 on one
-input) and a near-tie can decode another token than transformers' `generate` does. Drafted decoding stays
-equal to the engine's own plain decoding either way (the engine re-checks near-ties with a one-token step).
+`kernels="prepacked"` (opt-in) trades the forward's bits for speed on CPUs: every linear runs on oneDNN weights
+reordered once for it (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, the kernels of
+`torch.compile`'s CPU freezing pass; 1.3-3x faster per bf16 linear on the 2-core dev machine, the 49152 x 576
+head 1.8 ms instead of 4.5 ms), the residual adds of the o and down projections fused into them, and attention as
+plain fp32 matmuls (the CPU SDPA kernels are tiled for many queries: 3x slower on one). The cost is a second copy
+of the weights and the last bits: in bf16 the logits are no further from the fp32 model's than the forward's
+(a test), but a near-tie can decode another token than transformers' `generate` does.
 
 The step knows LLaMA's decoder layer and nothing else: other architectures, LoRA layers not merged, a model in
 training mode or another attention implementation get `None` from `LlamaDecodeStep.build` (with the reason
@@ -109,16 +109,16 @@ def buffer_cache(config: object) -> DynamicCache:
 
 @dataclass
 class _Layer:
-    """One decoder layer's tensors and weights, ready for the step."""
+    """One decoder layer's tensors and weights, ready for the step (`o` and `down` add the residual they get)."""
 
     norm1: torch.Tensor
     eps1: float
     qkv: Callable[[torch.Tensor], torch.Tensor]
-    o: Callable[[torch.Tensor], torch.Tensor]
+    o: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     norm2: torch.Tensor
     eps2: float
     gate_up: Callable[[torch.Tensor], torch.Tensor]
-    down: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     act: nn.Module
 
 
@@ -141,8 +141,7 @@ class _Linears:
     def __call__(self, *weights: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """One function giving the outputs of `weights` concatenated on the last dimension."""
         if self.prepacked:  # the bits differ from F.linear's anyway: always one matmul
-            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
-            self.fused += len(weights) > 1
+            packed = self._packed(*weights)
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         if len(weights) == 1:
             weight = weights[0]
@@ -153,6 +152,20 @@ class _Linears:
             return lambda x: F.linear(x, fused)
         self.separate += 1
         return lambda x: torch.cat([F.linear(x, w) for w in weights], dim=-1)
+
+    def residual(self, weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One function giving `residual + linear(x)`: the add fused into the prepacked kernel (summed in fp32
+        before the one rounding), else the model's own add of the rounded product."""
+        if self.prepacked:
+            packed = self._packed(weight)
+            return lambda x, residual: torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual, packed, None, "add"
+            )
+        return lambda x, residual: residual + F.linear(x, weight)
+
+    def _packed(self, *weights: torch.Tensor) -> torch.Tensor:
+        self.fused += len(weights) > 1
+        return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
 
 
 def _unsupported(lm: nn.Module, head: nn.Module | None, model: nn.Module) -> str | None:
@@ -222,11 +235,11 @@ class LlamaDecodeStep:
                     norm1=layer.input_layernorm.weight,
                     eps1=layer.input_layernorm.variance_epsilon,
                     qkv=linears(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-                    o=linears(attn.o_proj.weight),
+                    o=linears.residual(attn.o_proj.weight),
                     norm2=layer.post_attention_layernorm.weight,
                     eps2=layer.post_attention_layernorm.variance_epsilon,
                     gate_up=linears(mlp.gate_proj.weight, mlp.up_proj.weight),
-                    down=linears(mlp.down_proj.weight),
+                    down=linears.residual(mlp.down_proj.weight),
                     act=mlp.act_fn,
                 )
             )
@@ -259,9 +272,13 @@ class LlamaDecodeStep:
         return not self.model.training and _weights_signature(self.model) == self.signature
 
     def _rotary(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin of `position`: `rotate_half(v) * sin == halves_swapped(v) * signed_sin` bit
+        for bit (a negation is exact), one swap instead of transformers' two slices, negation and cat."""
         if position not in self._rope:
             cos, sin = self.rotary(x, position_ids=torch.tensor([[position]], device=x.device))
-            self._rope[position] = cos.unsqueeze(1), sin.unsqueeze(1)
+            half = sin.shape[-1] // 2
+            signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._rope[position] = cos.unsqueeze(1), signed.unsqueeze(1)
         return self._rope[position]
 
     @staticmethod
@@ -271,9 +288,23 @@ class LlamaDecodeStep:
         return weight * h.to(x.dtype)
 
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of the one query (1, heads, 1, dim) over the cache, as (1, 1, heads * dim)."""
+        if self.kernels == "exact":  # transformers' call, for its bits
+            gqa = self.n_heads != self.n_kv
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, dropout_p=0.0, scale=self.scaling, enable_gqa=gqa
+            )
+            return attn.transpose(1, 2).reshape(1, 1, -1)
+        # prepacked: plain fp32 matmuls, each key/value head against its group of query heads (the CPU SDPA
+        # kernels are tiled for many queries: 3x slower on one)
+        grouped = q.reshape(1, self.n_kv, self.n_heads // self.n_kv, self.head_dim).float()
+        scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(self.scaling)
+        attn = torch.matmul(torch.softmax(scores, dim=-1), values.float())
+        return attn.to(q.dtype).reshape(1, 1, -1)
 
     @torch.inference_mode()
     def __call__(self, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -282,23 +313,16 @@ class LlamaDecodeStep:
         position = cache.get_seq_length()
         cos, sin = self._rotary(embeds, position)
         heads, kv, dim = self.n_heads, self.n_kv, self.head_dim
-        gqa = heads != kv
         x = embeds
         for layer, cached in zip(self.layers, cache.layers, strict=True):
             h = self._rms_norm(x, layer.norm1, layer.eps1)
             qkv = layer.qkv(h).view(1, 1, heads + 2 * kv, dim).transpose(1, 2)
             qk = qkv[:, : heads + kv]
-            qk = (qk * cos) + (
-                self._rotate_half(qk) * sin
-            )  # elementwise: q and k rotated as transformers does
+            qk = (qk * cos) + (self._swap_halves(qk) * sin)  # q and k rotated as transformers does
             keys, values = cached.append(qk[:, heads:], qkv[:, heads + kv :])
-            attn = F.scaled_dot_product_attention(
-                qk[:, :heads], keys, values, dropout_p=0.0, scale=self.scaling, enable_gqa=gqa
-            )
-            attn = attn.transpose(1, 2).contiguous().reshape(1, 1, heads * dim)
-            x = x + layer.o(attn)
+            x = layer.o(self._attend(qk[:, :heads], keys, values), x)
             h = self._rms_norm(x, layer.norm2, layer.eps2)
             gate, up = layer.gate_up(h).split(self.intermediate, dim=-1)
-            x = x + layer.down(layer.act(gate) * up)
+            x = layer.down(layer.act(gate) * up, x)
         x = self._rms_norm(x, self.norm, self.eps)
         return self.head(x)[0]
