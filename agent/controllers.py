@@ -158,12 +158,22 @@ class LocalVLMController:
         self.vlm = vlm
 
     @classmethod
-    def load(cls, model: str | dict, device: str = "cpu", dtype: str = "auto") -> LocalVLMController:
-        """Load a VLM (folder, hub id, or spec dict) with `toolvlm.vlm.load_vlm`; adapters are merged."""
+    def load(
+        cls, model: str | dict, device: str = "cpu", dtype: str = "auto", decode_kernels: str = "exact"
+    ) -> LocalVLMController:
+        """Load a VLM (folder, hub id, or spec dict) with `toolvlm.vlm.load_vlm`; adapters are merged;
+        `decode_kernels` picks the LLaVA engine's one-token step kernels (`toolvlm.vlm.fast_decode.KERNELS`)."""
         from toolvlm.vlm import load_vlm
 
         logger.info("loading controller %s on %s (%s)", model, device, dtype)
-        return cls(load_vlm(model, dtype=dtype, device=device, merge=True))
+        vlm = load_vlm(model, dtype=dtype, device=device, merge=True)
+        if vlm.is_llava:
+            vlm.engine.decode_kernels = decode_kernels
+        elif decode_kernels != "exact":
+            logger.warning(
+                "decode_kernels=%r ignored: only the LLaVA engine has a decode step", decode_kernels
+            )
+        return cls(vlm)
 
     @property
     def supports_tool_template(self) -> bool:

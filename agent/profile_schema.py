@@ -29,6 +29,7 @@ class LocalController(BaseModel):
     model: str | dict[str, Any]  # a folder, a hub id where there is network, or a toolvlm VLMSpec mapping
     device: str = "cpu"
     dtype: str = "auto"
+    decode_kernels: Literal["exact", "prepacked"] = "exact"  # toolvlm.vlm.fast_decode.KERNELS
 
 
 class OpenAIController(BaseModel):

@@ -5,7 +5,9 @@
       backend: local
       model: /path/to/checkpoint   # a folder, a hub id where there is network, or a toolvlm VLMSpec mapping
       device: cpu
-      dtype: auto          # "openai" takes base_url, model, api_key or api_key_env, timeout, extra_body,
+      dtype: auto
+      decode_kernels: exact  # or prepacked: oneDNN kernels for one-token steps on CPUs (faster, other rounding)
+                           # "openai" takes base_url, model, api_key or api_key_env, timeout, extra_body,
                            # send_images (false: a text-only server), native_tools (its `tools`/`tool_calls`)
     tools:                 # tool name -> backend options, as toolvlm.tools.registry.build_tools takes them
       grounding: {backend: owlv2, model: /path/to/owlv2, device: cpu, dtype: float32}
@@ -189,7 +191,10 @@ def build_controller(spec: dict[str, Any]) -> Any:
         from .controllers import LocalVLMController
 
         return LocalVLMController.load(
-            options["model"], device=options.get("device", "cpu"), dtype=options.get("dtype", "auto")
+            options["model"],
+            device=options.get("device", "cpu"),
+            dtype=options.get("dtype", "auto"),
+            decode_kernels=options.get("decode_kernels", "exact"),
         )
     if backend == "openai":
         from .openai_controller import OpenAIController

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixtures_vlm import tiny_lm_dir, tiny_spec  # noqa: F401
 
 from toolvlm.agent.assistant import Assistant
 from toolvlm.agent.openai_controller import OpenAIController
@@ -149,6 +150,10 @@ def bad_profile(tmp_path: Path, text: str) -> str:
             "controller.send_images: expected true or false, got 'no'",
         ),
         ("controller: {backend: local, model: 7}", "controller.model: expected a string or "),
+        (
+            "controller: {backend: local, model: m, decode_kernels: fast}",
+            "controller.decode_kernels: expected 'exact' or 'prepacked', got 'fast'",
+        ),
         ("controller: {backend: local}", "controller.model: missing (it is required)"),
         ("controller: {backend: scripted, replies: hi}", "controller.replies: expected a list, got 'hi'"),
         (
@@ -210,6 +215,17 @@ def test_build_controller_checks_its_backends_options():
     with pytest.raises(ProfileError, match=r"controller\.stream: unknown key"):
         build_controller({"backend": "openai", "base_url": "x", "model": "m", "stream": True})
     assert build_controller({"backend": "scripted", "replies": ["hi"], "chunk_size": 2}).chunk_size == 2
+
+
+def test_a_local_controller_gets_its_decode_kernels(tiny_lm_dir):  # noqa: F811
+    spec = tiny_spec(tiny_lm_dir).to_dict()
+    default = build_controller({"backend": "local", "model": spec})
+    packed = build_controller({"backend": "local", "model": spec, "decode_kernels": "prepacked"})
+    assert default.vlm.engine.decode_kernels == "exact"
+    assert packed.vlm.engine.decode_kernels == "prepacked"
+    reply = "".join(packed.stream([{"role": "user", "content": "hi"}], max_new_tokens=4))
+    assert packed.vlm.engine._fast is not None and packed.vlm.engine._fast.kernels == "prepacked"
+    assert isinstance(reply, str)
 
 
 def test_the_cli_shows_a_bad_profile_in_one_line(tmp_path, capsys, monkeypatch):
