@@ -3,8 +3,9 @@
     python bench/decode_speed.py [--n 4] [--dtype auto] [--bundle DIR] [--max-new-tokens 160]
 
 Decoding one token of a small LM reads every weight of the LM once (and the KV cache), so its speed is bounded
-by bandwidth / bytes read per token. The bench measures the read bandwidth (a large tensor summed, best of 5),
-counts the bytes one decode step reads (the LM's weights without the input embedding, whose one row is
+by bandwidth / bytes read per token. The bench measures the read bandwidth (a 1 GB tensor summed, best of 3)
+before the first request and after each one and takes the median (a shared machine's bandwidth moves: 29-50
+GB/s on the 2-core dev VM within an hour; the spread is reported), counts the bytes one decode step reads (the LM's weights without the input embedding, whose one row is
 negligible; the lm head, tied or not; the KV cache at the mean context), and times, on the same describe
 requests of the world (`toolvlm eval controller`'s held-out phrasings, another seed), side by side:
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=BENCH_SEED)
     args = parser.parse_args(argv)
 
-    bandwidth = read_bandwidth()
+    bandwidths = [read_bandwidth(repeats=3)]
     vlm = load_vlm(f"{args.bundle}/controller", dtype=args.dtype, merge=True)
     if vlm.drafter is None:
         parser.error(f"{args.bundle}'s controller has no draft corpus")
@@ -175,14 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rates["llama_cpp"].append((n - 1) / llama[0])
                 gguf_bytes = llama[1]
+        bandwidths.append(read_bandwidth(repeats=3))
         print(f"[{i + 1}/{args.n}] {n} tokens, prefill {prefill_s:.2f} s; tokens/s: "
               + (", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v) if n >= MIN_TIMED_TOKENS
                  else "not timed (short)")
               + f"; generate same as the engine: {hf_tokens == plain}", file=sys.stderr)  # fmt: skip
 
     weights, kv = decode_bytes(vlm.model, statistics.mean(contexts))
+    bandwidth = statistics.median(bandwidths)
     limit = bandwidth * 1e9 / (weights + kv)
-    figures: dict[str, object] = {"bandwidth_gb_s": round(bandwidth, 1), "bytes_per_token": weights + kv}
+    figures: dict[str, object] = {"bandwidth_gb_s": round(bandwidth, 1)}
+    figures["bandwidth_spread_gb_s"] = [round(min(bandwidths), 1), round(max(bandwidths), 1)]
+    figures["bytes_per_token"] = weights + kv
+    if gguf_bytes:
+        figures["llama_cpp_gguf_bytes"] = gguf_bytes  # its own file's weights (the base LM, quantized)
     figures["limit_tokens_s"] = round(limit, 1)
     for name, values in rates.items():
         if values:
