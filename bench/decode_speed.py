@@ -15,8 +15,14 @@ requests of the world (`toolvlm eval controller`'s held-out phrasings, another s
   reported), and drafts on (the controller's n-gram draft corpus; the engine decodes without drafts in bf16,
   where they could change the text, so compare with `--dtype float32`);
 - transformers' `generate` on the same model, greedy, the same number of new tokens;
-- llama.cpp (llama-cpp-python) on the GGUF the base LM comes from, when `llama_cpp` imports: the base LM's
-  quantized weights, not the merged controller, so its limit is counted from its own file.
+- llama.cpp (llama-cpp-python), when `llama_cpp` imports: by default on the GGUF the base LM comes from (its
+  quantized weights, not the merged controller: its limit is counted from its own file); with `--gguf` on a GGUF
+  of the controller's own LM at the engine's dtype, made by `--save-lm DIR` and llama.cpp's converter, so the
+  weights and the limit are the engine's:
+
+      python bench/decode_speed.py --save-lm /tmp/controller_lm
+      python llama.cpp/convert_hf_to_gguf.py /tmp/controller_lm --outtype bf16 --outfile /tmp/controller.gguf
+      python bench/decode_speed.py --gguf /tmp/controller.gguf
 
 Decode seconds exclude the prefill (timed apart: the engine's prefill alone, `generate` with one new token,
 llama.cpp's `eval` of the prompt). Runs alternate per request, so load on the machine hits all alike. Last line:
@@ -33,6 +39,7 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,8 +116,22 @@ def time_hf_generate(vlm, rendered, n_tokens: int) -> tuple[list[int], float]:
     return out[0, len(rendered.input_ids) :].tolist(), seconds[1] - seconds[0]
 
 
-def time_llama_cpp(n_tokens: int, prompt: str) -> tuple[float, int] | str:
-    """llama.cpp's greedy decode of `n_tokens` on the base LM's GGUF: (decode seconds, file bytes), or why not."""
+def save_language_model(vlm, folder: str) -> None:
+    """The controller's (merged) language model and tokenizer as a plain transformers causal LM folder."""
+    from transformers import AutoModelForCausalLM
+
+    lm = vlm.model.get_decoder()
+    lm = getattr(lm, "language_model", lm)
+    causal = AutoModelForCausalLM.from_config(lm.config, dtype=vlm.engine.dtype)
+    causal.model.load_state_dict(lm.state_dict())
+    causal.get_output_embeddings().load_state_dict(vlm.model.get_output_embeddings().state_dict())
+    causal.save_pretrained(folder)
+    vlm.tokenizer.save_pretrained(folder)
+
+
+def time_llama_cpp(n_tokens: int, prompt: str, path: Path | None) -> tuple[float, int] | str:
+    """llama.cpp's greedy decode of `n_tokens` on a GGUF (None: the base LM's): (decode seconds, file bytes), or
+    why not."""
     if importlib.util.find_spec("llama_cpp") is None:
         binaries = [b for b in ("llama-bench", "llama-cli") if shutil.which(b)]
         found = (
@@ -121,7 +142,7 @@ def time_llama_cpp(n_tokens: int, prompt: str) -> tuple[float, int] | str:
 
     from toolvlm.vlm.base_lm import smollm2_gguf
 
-    path = smollm2_gguf()
+    path = path or smollm2_gguf()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     ids = llm.tokenize(prompt.encode(), special=True)
     llm.reset()
@@ -141,7 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", default=str(bundle_dir()))
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--seed", type=int, default=BENCH_SEED)
+    parser.add_argument(
+        "--gguf", type=Path, help="llama.cpp runs this GGUF of the controller's LM (--save-lm)"
+    )
+    parser.add_argument(
+        "--save-lm", metavar="DIR", help="save the controller's LM for llama.cpp's converter, exit"
+    )
     args = parser.parse_args(argv)
+    if args.gguf is not None and not args.gguf.is_file():
+        parser.error(f"--gguf: no such file {args.gguf}")
+    if args.save_lm:
+        save_language_model(load_vlm(f"{args.bundle}/controller", dtype=args.dtype, merge=True), args.save_lm)
+        print(json.dumps({"saved": args.save_lm}))
+        return 0
 
     bandwidths = [read_bandwidth(repeats=3)]
     vlm = load_vlm(f"{args.bundle}/controller", dtype=args.dtype, merge=True)
@@ -170,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             rates["prepacked"].append((len(packed) - 1) / packed_s)
             rates["drafts"].append((len(drafted) - 1) / drafts_s)
             rates["hf_generate"].append((n - 1) / hf_s)
-            llama = time_llama_cpp(n, vlm.tokenizer.decode(rendered.input_ids))
+            llama = time_llama_cpp(n, vlm.tokenizer.decode(rendered.input_ids), args.gguf)
             if isinstance(llama, str):
                 notes = [f"llama.cpp skipped: {llama}"]
             else:
@@ -188,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, object] = {"bandwidth_gb_s": round(bandwidth, 1)}
     figures["bandwidth_spread_gb_s"] = [round(min(bandwidths), 1), round(max(bandwidths), 1)]
     figures["bytes_per_token"] = weights + kv
-    if gguf_bytes:
-        figures["llama_cpp_gguf_bytes"] = gguf_bytes  # its own file's weights (the base LM, quantized)
+    if (
+        gguf_bytes
+    ):  # the base LM's quantized file (its own limit), or the controller's LM (--gguf, the limit above)
+        figures["llama_cpp_gguf"] = {"file": (args.gguf or Path("base LM")).name, "bytes": gguf_bytes}
     figures["limit_tokens_s"] = round(limit, 1)
     for name, values in rates.items():
         if values:
             rate = statistics.median(values)
-            own_limit = bandwidth * 1e9 / gguf_bytes if name == "llama_cpp" else limit
+            own_limit = bandwidth * 1e9 / gguf_bytes if name == "llama_cpp" and not args.gguf else limit
             figures[f"{name}_tokens_s"] = round(rate, 1)
             figures[f"{name}_vs_limit"] = round(rate / own_limit, 3)
     figures.update(
