@@ -283,3 +283,24 @@ def test_grown_embeddings_keep_old_rows_and_add_mean_rows_padded_to_64(tied):
     logits = lm(torch.tensor([[1, 127]])).logits
     assert logits.shape == (1, 2, 128)
     assert new_in.requires_grad and new_out.requires_grad
+
+
+@pytest.mark.parametrize("pooling", [1, 2])
+def test_bf16_keeps_rotary_frequencies_in_fp32_as_transformers_loads_them(tiny_lm_dir, tmp_path, pooling):  # noqa: F811
+    from transformers import AutoModelForImageTextToText
+
+    vlm = build_vlm(tiny_spec(tiny_lm_dir, pooling=pooling), dtype="bfloat16")
+    reference = dict(
+        build_vlm(tiny_spec(tiny_lm_dir, pooling=pooling), dtype="float32").model.named_buffers()
+    )
+    frequencies = {n: b for n, b in vlm.model.named_buffers() if n.endswith("inv_freq")}
+    assert frequencies and all(b.dtype == torch.float32 for b in frequencies.values())
+    assert all(torch.equal(b, reference[n]) for n, b in frequencies.items())
+    assert vlm.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    vlm.save(tmp_path / "model")  # plain transformers, bf16: the same logits as toolvlm's bf16 model
+    plain = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "model", dtype=torch.bfloat16, trust_remote_code=pooling > 1
+    ).eval()
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, vlm.model(input_ids=ids).logits)

@@ -177,7 +177,7 @@ class ToolVLMForConditionalGeneration(LlavaForConditionalGeneration):
         model.model.vision_tower = vision
         model.model.multi_modal_projector = PooledProjector(config)  # replaced by the adapter's trained one
         model.tie_weights()
-        model.to(dtype).eval()
+        cast_keeping_rotary(model, dtype).eval()
         adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
         if adapter is None and Path(source, "adapter_config.json").is_file():  # called without the Auto class
             adapter = source
@@ -185,6 +185,17 @@ class ToolVLMForConditionalGeneration(LlavaForConditionalGeneration):
             model.load_adapter(adapter, adapter_kwargs=hub)
             model.eval()
         return model
+
+
+def cast_keeping_rotary(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` with the rotary `inv_freq` buffers left in fp32, as `from_pretrained(dtype=...)` leaves
+    them (a bf16 inv_freq turns position p's angles by up to p * 0.2%: another model than the one trained)."""
+    kept = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, buffer in kept.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer)
+    return model
 
 
 def image_tokens_per_image(config: LlavaConfig) -> int:

@@ -29,6 +29,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from .architecture import (
     ToolVLMConfig,
     ToolVLMForConditionalGeneration,
+    cast_keeping_rotary,
     grow_embeddings,
     image_tokens_per_image,
 )
@@ -155,8 +156,7 @@ def assemble(spec: VLMSpec, dtype: str | torch.dtype = "auto"):
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(torch_dtype)
-    model.eval()
+    cast_keeping_rotary(model, torch_dtype).eval()
     processor = build_processor(
         spec, config, tokenizer, image_processor_for(vision_config, spec.vision.checkpoint)
     )
