@@ -150,17 +150,28 @@ def wide_bf16(tmp_path_factory):
     return build_vlm(tiny_spec(_save_wide_tiny_lm(tmp_path_factory.mktemp("wide_lm"))), dtype="bfloat16")
 
 
+def _plain_margin(engine, ids: list[int], tokens: list[int]) -> float:
+    """The top-two score gap of one-token greedy decoding at the position after `ids + tokens`."""
+    engine.reset()
+    logits = engine.prefill(ids)
+    for token in tokens:
+        logits = engine._step([token])
+    top = logits.topk(2, dim=-1).values[0]
+    return float(top[0] - top[1])
+
+
 @pytest.mark.parametrize(
-    ("tie_margin", "kernels"), [(None, "exact"), (0.1, "exact"), (None, "prepacked"), (0.5, "prepacked")]
+    ("tie_margin", "kernels"), [(None, "exact"), (0.1, "exact"), (None, "prepacked"), (0.1, "prepacked")]
 )
-def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin, kernels):
-    # None: bf16's default, no drafts (its rounding differences reach common margins); 0.1: drafts checked,
-    # near-ties run again alone (a margin this model's differences stay under); prepacked: the plain steps run
-    # on oneDNN's linears and fp32 attention, further from the drafted passes' bits, whose keys and values stay
-    # in the cache: the margin must cover both paths' drift (0.3 did not, on prompt 6)
+def test_drafts_in_bf16_change_no_token_or_only_near_ties(wide_bf16, tie_margin, kernels):
+    # None: bf16's default, no drafts: the text is the one-token greedy text. A margin set: drafts run, and a
+    # position whose drafted scores are within it runs again alone; but accepted drafted positions keep the
+    # keys and values of the multi-token pass, so later steps can round differently too: a token may then
+    # differ from one-token decoding only where that decoding chose between two scores within the margin
+    # (bf16 logits tie exactly often: a gap of 0.0 or one bf16 step)
     engine, generator = wide_bf16.engine, torch.Generator().manual_seed(0)
     engine.tie_margin, engine.decode_kernels = tie_margin, kernels
-    drafted_tokens, accepted, rechecked = 0, 0, 0
+    drafted_tokens, accepted, rechecked, changed = 0, 0, 0, 0
     for prompt in range(20):
         ids = torch.randint(3, 380, (16,), generator=generator).tolist()
         cfg = SamplingConfig(max_new_tokens=24)
@@ -169,12 +180,17 @@ def test_drafts_keep_one_token_greedy_text_in_bf16(wide_bf16, tie_margin, kernel
         engine.reset()
         drafter = _Oracle(len(ids), plain, wrong=7, vocab=300, most=12)  # (the old engine changed prompt 11)
         drafted = list(engine.generate(ids, config=cfg, drafter=drafter))
-        assert drafted == plain, f"prompt {prompt}: drafts changed the greedy tokens"
         assert engine._fast is not None and engine._fast.kernels == kernels
         drafted_tokens += engine.stats.drafted_tokens
         accepted += engine.stats.accepted_tokens
         rechecked += engine.stats.rechecked_tokens
+        if drafted != plain:
+            assert tie_margin is not None, f"prompt {prompt}: drafts changed the greedy tokens"
+            first = next(i for i, (a, b) in enumerate(zip(plain, drafted, strict=False)) if a != b)
+            gap = _plain_margin(engine, ids, plain[:first])
+            assert gap <= tie_margin, f"prompt {prompt}: token {first} changed, not a near-tie ({gap})"
+            changed += 1
     if tie_margin is None:
         assert drafted_tokens == 0
-    else:  # guesses were kept, and near-ties came up and were decided by one-token passes
-        assert accepted > 0 and rechecked > 0
+    else:  # guesses were kept, near-ties were decided by one-token passes, most replies are the plain ones
+        assert accepted > 0 and rechecked > 0 and changed <= 5

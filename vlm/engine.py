@@ -15,7 +15,9 @@
   between the top two tokens can flip: a drafted position whose top two scores lie within `TIE_MARGINS[dtype]`
   is run again alone, as plain decoding runs it. In bf16 the rounding differences are as large as common
   margins, so bf16 (and fp16) decode without drafts unless `tie_margin` is set: the text is always the
-  one-token greedy text (a bf16 test over many prompts compares them token by token).
+  one-token greedy text (a bf16 test over many prompts compares them token by token). With `tie_margin` set,
+  accepted drafted positions keep the multi-token pass's keys and values, so a later token can still differ,
+  but only where one-token decoding chose between two scores within the margin (tested).
 - One-token decode steps of a LLaMA language model run through `fast_decode.LlamaDecodeStep` (fused
   projections, a preallocated KV cache, no module overhead): the same logits, bit for bit, as the model's
   forward, which still runs the prefill and every pass over several tokens. Other models decode with their
