@@ -106,3 +106,21 @@ def test_every_package_folder_is_in_the_distribution():
     for package in PACKAGES:
         if package != "toolvlm":
             assert f'"toolvlm.{package}" = "{package}"' in text, package
+
+
+def test_every_bundle_file_is_in_the_package_data():
+    """A regular (not editable) install ships every bundle file, the model code plain libraries load included."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["toolvlm.bundle"]
+    bundle = ROOT / "bundle"
+    files = [p for p in bundle.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    shipped = {p for pattern in patterns for p in bundle.glob(pattern)} | {bundle / "__init__.py"}
+    assert (bundle / "controller" / "modeling_toolvlm_llava.py") in shipped
+    assert not [str(p.relative_to(bundle)) for p in files if p not in shipped]
+    folders = {
+        p.parent for p in files if p.parent != bundle
+    }  # data folders listed, so setuptools keeps quiet
+    listed = {bundle.joinpath(*name.split(".")[2:]) for name in setuptools["packages"]}
+    assert not sorted(str(f.relative_to(ROOT)) for f in folders - listed)
