@@ -4,10 +4,11 @@
 
 Decoding one token of a small LM reads every weight of the LM once (and the KV cache), so its speed is bounded
 by bandwidth / bytes read per token. The bench measures the read bandwidth (a 1 GB tensor summed, best of 3)
-before the first request and after each one and takes the median (a shared machine's bandwidth moves: 29-50
-GB/s on the 2-core dev VM within an hour; the spread is reported), counts the bytes one decode step reads (the LM's weights without the input embedding, whose one row is
-negligible; the lm head, tied or not; the KV cache at the mean context), and times, on the same describe
-requests of the world (`toolvlm eval controller`'s held-out phrasings, another seed), side by side:
+before the first request and after each one and takes the median (a shared machine's bandwidth moves: 24-59
+GB/s on the 2-core dev VM within an hour; the spread is reported), counts the bytes one decode step reads (the
+LM's weights without the input embedding, whose one row is negligible; the lm head, tied or not; the KV cache
+at the mean context), and times, on the same describe requests of the world (`toolvlm eval controller`'s
+held-out phrasings, another seed), side by side:
 
 - toolvlm's engine, greedy, drafts off (plain: one-token steps by `toolvlm.vlm.fast_decode.LlamaDecodeStep`, the
   model forward's logits bit for bit), drafts off with the step's oneDNN prepacked kernels
@@ -65,10 +66,15 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a causal LM or of a LLaVA-style model's language model."""
+    lm = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return getattr(lm, "language_model", lm)
+
+
 def decode_bytes(model: torch.nn.Module, context: float) -> tuple[int, int]:
     """Bytes one decode step reads: (weights of the LM and lm head, KV cache at `context` positions)."""
-    lm = model.get_decoder() if hasattr(model, "get_decoder") else model
-    lm = getattr(lm, "language_model", lm)
+    lm = language_model(model)
     embedding = lm.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in lm.parameters() if p is not embedding)
@@ -120,8 +126,7 @@ def save_language_model(vlm, folder: str) -> None:
     """The controller's (merged) language model and tokenizer as a plain transformers causal LM folder."""
     from transformers import AutoModelForCausalLM
 
-    lm = vlm.model.get_decoder()
-    lm = getattr(lm, "language_model", lm)
+    lm = language_model(vlm.model)
     causal = AutoModelForCausalLM.from_config(lm.config, dtype=vlm.engine.dtype)
     causal.model.load_state_dict(lm.state_dict())
     causal.get_output_embeddings().load_state_dict(vlm.model.get_output_embeddings().state_dict())
@@ -221,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, object] = {"bandwidth_gb_s": round(bandwidth, 1)}
     figures["bandwidth_spread_gb_s"] = [round(min(bandwidths), 1), round(max(bandwidths), 1)]
     figures["bytes_per_token"] = weights + kv
-    if (
-        gguf_bytes
-    ):  # the base LM's quantized file (its own limit), or the controller's LM (--gguf, the limit above)
+    if gguf_bytes:  # the base LM's quantized file (its own limit) or, with --gguf, the controller's LM
         figures["llama_cpp_gguf"] = {"file": (args.gguf or Path("base LM")).name, "bytes": gguf_bytes}
     figures["limit_tokens_s"] = round(limit, 1)
     for name, values in rates.items():
